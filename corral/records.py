@@ -1,0 +1,237 @@
+"""Alpaca records and Self-Instruct seed tasks: read, validate, write.
+
+Formats (ARCHITECTURE.md):
+- Alpaca: a JSON list of {"instruction", "input", "output"} objects, or the same objects one per
+  line (JSONL). Extra keys are kept through a read/write round trip and never required.
+- Self-Instruct seeds: JSONL of {id, name, instruction, instances: [{input, output}], is_classification}.
+
+Every problem with a file raises `RecordError`, whose message names the file, the record (line for
+JSONL, index for JSON) and the field, so the CLI can print it as one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from corral.fileio import atomic_open
+
+ALPACA_FIELDS = ("instruction", "input", "output")
+
+
+class RecordError(ValueError):
+    """A data file is malformed; the message says where (file, record, field) and what."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        message: str,
+        *,
+        line: int | None = None,
+        index: int | None = None,
+        field: str | None = None,
+    ) -> None:
+        self.path = str(path)
+        self.line = line
+        self.index = index
+        self.field = field
+        self.reason = message
+        where = [self.path]
+        if line is not None:
+            where.append(f"line {line}")
+        if index is not None:
+            where.append(f"record {index}")
+        if field is not None:
+            where.append(f"field '{field}'")
+        super().__init__(f"{': '.join(where)}: {message}")
+
+
+@dataclass
+class SeedTask:
+    """One seed task: an instruction and its demonstration instances."""
+
+    instruction: str
+    instances: list[dict[str, str]]
+    is_classification: bool = False
+    id: str = ""
+    name: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_alpaca(self) -> dict[str, str]:
+        """The first instance as an Alpaca record (what Alpaca-mode prompts show)."""
+        first = self.instances[0]
+        return {"instruction": self.instruction, "input": first["input"], "output": first["output"]}
+
+
+# ---------------------------------------------------------------- reading raw JSON / JSONL
+
+
+def _looks_like_jsonl(path: Path, text: str) -> bool:
+    if path.suffix.lower() == ".jsonl":
+        return True
+    if path.suffix.lower() == ".json":
+        return False
+    return not text.lstrip().startswith("[")
+
+
+def iter_json_objects(path: str | os.PathLike) -> Iterator[tuple[dict[str, Any], dict[str, int]]]:
+    """Yield (object, location) from a JSON list or a JSONL file.
+
+    `location` is {"line": n} for JSONL (1-based, blank lines skipped) or {"index": i} for a JSON list.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecordError(path, "file not found") from None
+    except UnicodeDecodeError as exc:
+        raise RecordError(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not text.strip():
+        raise RecordError(path, "file is empty: expected Alpaca JSON (a list of records) or JSONL")
+    if _looks_like_jsonl(path, text):
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RecordError(path, f"invalid JSON: {exc.msg} (column {exc.colno})", line=line_no) from None
+            if not isinstance(obj, dict):
+                raise RecordError(path, f"expected a JSON object, got {type(obj).__name__}", line=line_no)
+            yield obj, {"line": line_no}
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RecordError(path, f"invalid JSON: {exc.msg}", line=exc.lineno) from None
+        if not isinstance(data, list):
+            raise RecordError(path, f"expected a JSON list of records, got {type(data).__name__}")
+        for index, obj in enumerate(data):
+            if not isinstance(obj, dict):
+                raise RecordError(path, f"expected a JSON object, got {type(obj).__name__}", index=index)
+            yield obj, {"index": index}
+
+
+# ---------------------------------------------------------------- Alpaca records
+
+
+def validate_alpaca_record(
+    obj: dict[str, Any],
+    path: str | os.PathLike,
+    location: dict[str, int],
+    *,
+    require_output: bool = True,
+) -> dict[str, Any]:
+    """Check one Alpaca record; return it with `input` defaulted to "" (other keys untouched)."""
+    for name in ALPACA_FIELDS:
+        required = name == "instruction" or (name == "output" and require_output)
+        if name not in obj:
+            if required:
+                raise RecordError(path, "missing required field", field=name, **location)
+            continue
+        value = obj[name]
+        if not isinstance(value, str):
+            raise RecordError(
+                path, f"expected a string, got {type(value).__name__}", field=name, **location
+            )
+    if not obj["instruction"].strip():
+        raise RecordError(path, "instruction is empty", field="instruction", **location)
+    record = dict(obj)
+    record.setdefault("input", "")
+    return record
+
+
+def read_alpaca(path: str | os.PathLike, *, require_output: bool = True) -> list[dict[str, Any]]:
+    """Read and validate an Alpaca JSON list or JSONL file. Raises RecordError on bad input."""
+    records = [
+        validate_alpaca_record(obj, path, loc, require_output=require_output)
+        for obj, loc in iter_json_objects(path)
+    ]
+    if not records:
+        raise RecordError(path, "no records: the file holds an empty list")
+    return records
+
+
+def write_alpaca(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
+    """Write records atomically: a JSON list (indented, like alpaca_data.json) or JSONL by suffix."""
+    path = Path(path)
+    records = list(records)
+    with atomic_open(path) as handle:
+        if path.suffix.lower() == ".jsonl":
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            json.dump(records, handle, ensure_ascii=False, indent=2)
+            handle.write("\n")
+    return len(records)
+
+
+# ---------------------------------------------------------------- Self-Instruct seed tasks
+
+
+def _seed_from_self_instruct(obj: dict[str, Any], path: str | os.PathLike, loc: dict[str, int]) -> SeedTask:
+    instruction = obj.get("instruction")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise RecordError(path, "expected a non-empty string", field="instruction", **loc)
+    instances = obj["instances"]
+    if not isinstance(instances, list) or not instances:
+        raise RecordError(path, "expected a non-empty list of {input, output}", field="instances", **loc)
+    clean: list[dict[str, str]] = []
+    for i, inst in enumerate(instances):
+        if not isinstance(inst, dict):
+            raise RecordError(path, "expected an object", field=f"instances[{i}]", **loc)
+        for key in ("input", "output"):
+            value = inst.get(key, "" if key == "input" else None)
+            if not isinstance(value, str):
+                raise RecordError(path, "expected a string", field=f"instances[{i}].{key}", **loc)
+        clean.append({"input": inst.get("input", ""), "output": inst["output"]})
+    is_cls = obj.get("is_classification", False)
+    if not isinstance(is_cls, bool):
+        raise RecordError(path, "expected true or false", field="is_classification", **loc)
+    known = {"id", "name", "instruction", "instances", "is_classification"}
+    return SeedTask(
+        instruction=instruction,
+        instances=clean,
+        is_classification=is_cls,
+        id=str(obj.get("id", "")),
+        name=str(obj.get("name", "")),
+        extra={k: v for k, v in obj.items() if k not in known},
+    )
+
+
+def read_seed_tasks(path: str | os.PathLike) -> list[SeedTask]:
+    """Read seed tasks: Self-Instruct seed JSONL as-is, or Alpaca records (JSON or JSONL)."""
+    seeds: list[SeedTask] = []
+    for obj, loc in iter_json_objects(path):
+        if "instances" in obj:
+            seeds.append(_seed_from_self_instruct(obj, path, loc))
+        else:
+            record = validate_alpaca_record(obj, path, loc)
+            seeds.append(
+                SeedTask(
+                    instruction=record["instruction"],
+                    instances=[{"input": record["input"], "output": record["output"]}],
+                    is_classification=bool(record.get("is_classification", False)),
+                    id=str(record.get("id", f"seed_{len(seeds)}")),
+                    extra={k: v for k, v in record.items() if k not in (*ALPACA_FIELDS, "id")},
+                )
+            )
+    if not seeds:
+        raise RecordError(path, "no seed tasks: the file holds an empty list")
+    return seeds
+
+
+def seed_task_to_json(seed: SeedTask) -> dict[str, Any]:
+    """A seed task in the Self-Instruct JSONL shape (extra keys kept)."""
+    return {
+        "id": seed.id,
+        "name": seed.name,
+        "instruction": seed.instruction,
+        "instances": seed.instances,
+        "is_classification": seed.is_classification,
+        **seed.extra,
+    }

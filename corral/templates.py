@@ -1,0 +1,166 @@
+"""Every prompt format, defined once.
+
+Training (label masking) and inference (response extraction) both take their markers from here, so
+the two cannot drift apart. A template turns an (instruction, input) pair into:
+
+- `prompt`: everything the model is given, ending right after the response marker;
+- `completion_suffix`: appended after the output at training time; it contains the end marker, so
+  the model learns to stop;
+- `response_marker` / `end_marker`: the strings that delimit the answer in generated text.
+
+Formats: `alpaca` (Stanford Alpaca, with and without input; ends with the tokenizer's EOS),
+`dolly` (`### Instruction:` / `### Response:` / `### End`), and `chat` (the tokenizer's own chat
+template, with markers derived by rendering it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+TEMPLATE_NAMES = ("alpaca", "dolly", "chat")
+
+ALPACA_RESPONSE_MARKER = "### Response:"
+DOLLY_RESPONSE_MARKER = "### Response:"
+DOLLY_END_MARKER = "### End"
+
+_ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n" + ALPACA_RESPONSE_MARKER + "\n"
+)
+_ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n" + ALPACA_RESPONSE_MARKER + "\n"
+)
+_DOLLY_INTRO = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+_DOLLY_WITH_INPUT = (
+    _DOLLY_INTRO + "\n\n### Instruction:\n{instruction}\n\nInput:\n{input}\n\n"
+    + DOLLY_RESPONSE_MARKER + "\n"
+)
+_DOLLY_NO_INPUT = _DOLLY_INTRO + "\n\n### Instruction:\n{instruction}\n\n" + DOLLY_RESPONSE_MARKER + "\n"
+
+# Stands in for the answer when a chat template is rendered to find where the answer sits.
+_CHAT_PROBE = "\u2063CORRAL-ANSWER\u2063"
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A prompt format with its markers. `format_prompt` is pure string work."""
+
+    name: str
+    response_marker: str
+    end_marker: str
+    completion_suffix: str
+    with_input: str = ""
+    no_input: str = ""
+    chat_prefix: str = ""  # chat only: the rendered conversation up to the user's message
+    chat_infix: str = ""  # chat only: from the end of the user's message to the answer
+
+    def format_prompt(self, instruction: str, input: str = "") -> str:
+        """The text the model sees, ending right after the response marker."""
+        if self.name == "chat":
+            user = instruction if not input else f"{instruction}\n\n{input}"
+            return self.chat_prefix + user + self.chat_infix
+        pattern = self.with_input if input else self.no_input
+        # str.replace, not str.format: user text may contain braces.
+        return pattern.replace("{instruction}", instruction).replace("{input}", input)
+
+    def format_completion(self, output: str) -> str:
+        """What follows the prompt in a training example: the answer and the end marker."""
+        return output + self.completion_suffix
+
+    def format_example(self, instruction: str, input: str, output: str) -> tuple[str, str]:
+        """(prompt, completion) for one Alpaca record; loss goes on the completion only."""
+        return self.format_prompt(instruction, input), self.format_completion(output)
+
+    def to_dict(self) -> dict[str, str]:
+        return {
+            "name": self.name,
+            "response_marker": self.response_marker,
+            "end_marker": self.end_marker,
+            "completion_suffix": self.completion_suffix,
+        }
+
+
+def alpaca_template(eos_token: str = "</s>") -> PromptTemplate:
+    """Stanford Alpaca's prompt; the answer is followed by the tokenizer's EOS token."""
+    return PromptTemplate(
+        name="alpaca",
+        response_marker=ALPACA_RESPONSE_MARKER,
+        end_marker=eos_token,
+        completion_suffix=eos_token,
+        with_input=_ALPACA_WITH_INPUT,
+        no_input=_ALPACA_NO_INPUT,
+    )
+
+
+def dolly_template() -> PromptTemplate:
+    """Dolly's prompt; the answer is followed by a blank line and `### End`, the stop marker."""
+    return PromptTemplate(
+        name="dolly",
+        response_marker=DOLLY_RESPONSE_MARKER,
+        end_marker=DOLLY_END_MARKER,
+        completion_suffix="\n\n" + DOLLY_END_MARKER,
+        with_input=_DOLLY_WITH_INPUT,
+        no_input=_DOLLY_NO_INPUT,
+    )
+
+
+def chat_template(tokenizer: Any, system_prompt: str | None = None) -> PromptTemplate:
+    """A single-turn template from the tokenizer's own chat template.
+
+    The markers are found by rendering a conversation whose answer is a probe string: what the
+    generation prompt adds is the response marker, and what follows the answer in an assistant turn
+    is the end marker.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "template 'chat' needs a tokenizer with a chat template; this one has none "
+            "(use template 'alpaca' or 'dolly')"
+        )
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    user_messages = [*messages, {"role": "user", "content": _CHAT_PROBE}]
+    prompt = tokenizer.apply_chat_template(user_messages, tokenize=False, add_generation_prompt=True)
+    no_generation = tokenizer.apply_chat_template(user_messages, tokenize=False, add_generation_prompt=False)
+    full = tokenizer.apply_chat_template(
+        [*user_messages, {"role": "assistant", "content": _CHAT_PROBE}], tokenize=False
+    )
+    if not prompt.startswith(no_generation) or prompt == no_generation:
+        raise ValueError("the tokenizer's chat template adds no generation prompt; cannot find the response marker")
+    response_marker = prompt[len(no_generation):]
+    prefix, infix = prompt.split(_CHAT_PROBE, 1)
+    after_answer = full[full.rindex(_CHAT_PROBE) + len(_CHAT_PROBE):]
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    # The end marker is the first special-looking token after the answer (e.g. `<|im_end|>`,
+    # `<|eot_id|>`); trailing newlines belong to the template, not the stop.
+    end_marker = after_answer.strip() or eos
+    if eos and eos in after_answer:
+        end_marker = eos
+    completion_suffix = after_answer[: after_answer.index(end_marker) + len(end_marker)]
+    return PromptTemplate(
+        name="chat",
+        response_marker=response_marker.strip() or response_marker,
+        end_marker=end_marker,
+        completion_suffix=completion_suffix,
+        chat_prefix=prefix,
+        chat_infix=infix,
+    )
+
+
+def get_template(name: str, tokenizer: Any = None, *, eos_token: str | None = None) -> PromptTemplate:
+    """The template called `name`; `alpaca` ends with the tokenizer's EOS, `chat` needs the tokenizer."""
+    if name == "alpaca":
+        eos = eos_token or getattr(tokenizer, "eos_token", None) or "</s>"
+        return alpaca_template(eos)
+    if name == "dolly":
+        return dolly_template()
+    if name == "chat":
+        if tokenizer is None:
+            raise ValueError("template 'chat' needs the model's tokenizer")
+        return chat_template(tokenizer)
+    raise ValueError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")

@@ -1,0 +1,1 @@
+"""Stage 1: seed tasks to Alpaca JSON with a teacher LLM (Self-Instruct, Stanford Alpaca)."""

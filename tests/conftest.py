@@ -1,0 +1,70 @@
+"""Shared fixtures: the real embedded model (loaded once per session), the tiny random LLaMA for
+fast mechanics tests, and the Self-Instruct reference data in ../shared (skipped when absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "self-instruct"
+
+# Keep two-core machines responsive and tests deterministic.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def shared_file(name: str) -> Path:
+    """A file of the shared reference data, or skip the test with the reason."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"reference data {path} is absent (it lives in ../shared beside the repo)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def seed_tasks_path() -> Path:
+    """The 175 human-written Self-Instruct seed tasks (for generation and filter tests)."""
+    return shared_file("seed_tasks.jsonl")
+
+
+@pytest.fixture(scope="session")
+def user_oriented_path() -> Path:
+    """The user-oriented evaluation set: evaluation only, never training data or seeds."""
+    return shared_file("user_oriented_instructions.jsonl")
+
+
+@pytest.fixture(scope="session")
+def embedded_model_path() -> Path:
+    from corral.models import prepare_embedded
+
+    return prepare_embedded()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> Path:
+    from corral.models import prepare_tiny_random
+
+    return prepare_tiny_random()
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer(embedded_model_path):
+    from corral.models import load_tokenizer
+
+    return load_tokenizer("embedded")
+
+
+@pytest.fixture(scope="session")
+def embedded_model(embedded_model_path, embedded_tokenizer):
+    """The real embedded model in fp32, loaded once for the whole test session. Do not mutate it."""
+    import torch
+
+    from corral.models import load_model
+
+    model = load_model("embedded", dtype=torch.float32, tokenizer=embedded_tokenizer)
+    model.eval()
+    return model
