@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         "as the last line. The embedded model is converted from GGUF once and cached under "
         "$CORRAL_HOME (default ~/.cache/corral).",
     )
-    prepare.add_argument("name", nargs="?", default="embedded", help="model name (default: embedded)")
+    prepare.add_argument(
+        "name", nargs="?", default="embedded", help="model name (default: embedded)"
+    )
     prepare.set_defaults(func=_cmd_model_prepare)
 
     for module_name in STAGE_COMMAND_MODULES:

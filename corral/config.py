@@ -8,7 +8,9 @@ the file (or the override) and the key, so a typo never silently falls back to a
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,6 +21,9 @@ import yaml
 from corral.fileio import atomic_write_text
 
 ConfigT = TypeVar("ConfigT")
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -37,6 +42,12 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):
+        # YAML 1.1 reads `2e-4` as a string; a learning rate written that way is still a number.
+        try:
+            value = float(value) if _NUMBER.fullmatch(value.strip()) else value
+        except ValueError:
+            pass
     return key, value
 
 
@@ -55,7 +66,9 @@ def _coerce(value: Any, annotation: Any, source: str, key: str) -> Any:
                 return _coerce(value, arg, source, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{source}: key '{key}': invalid value {value!r}")
+        raise ConfigError(
+            errors[0] if errors else f"{source}: key '{key}': invalid value {value!r}"
+        )
     if origin is typing.Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
@@ -100,11 +113,13 @@ def _coerce(value: Any, annotation: Any, source: str, key: str) -> Any:
     return value
 
 
-def _apply(values: dict[str, Any], cls: type, source: str, hints: dict[str, Any], out: dict[str, Any]) -> None:
+def _apply(
+    values: dict[str, Any], cls: type, source: str, hints: dict[str, Any], out: dict[str, Any]
+) -> None:
     names = {f.name for f in dataclasses.fields(cls)}
     for key, value in values.items():
         if key not in names:
-            close = [n for n in names if n.split("_")[0] == key.split("_")[0]]
+            close = difflib.get_close_matches(key, names, n=3, cutoff=0.7)
             hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
             raise ConfigError(f"{source}: unknown key '{key}'{hint}")
         out[key] = _coerce(value, hints[key], source, key)

@@ -15,7 +15,9 @@ DEMO_INSTRUCTION = "Give three tips for staying healthy."
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="embedded", help="base model (default: embedded)")
     parser.add_argument("--instruction", default=DEMO_INSTRUCTION, help="the instruction to answer")
-    parser.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit in tokens")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=96, help="answer length limit in tokens"
+    )
 
 
 def answer_once(model_name: str, instruction: str, max_new_tokens: int) -> str:
@@ -40,7 +42,7 @@ def answer_once(model_name: str, instruction: str, max_new_tokens: int) -> str:
             eos_token_id=tokenizer.convert_tokens_to_ids(template.end_marker),
             pad_token_id=tokenizer.pad_token_id,
         )
-    new_tokens = generated[0, encoded["input_ids"].shape[1]:]
+    new_tokens = generated[0, encoded["input_ids"].shape[1] :]
     return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
 

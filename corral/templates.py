@@ -15,6 +15,7 @@ template, with markers derived by rendering it).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,10 +40,16 @@ _DOLLY_INTRO = (
     "Write a response that appropriately completes the request."
 )
 _DOLLY_WITH_INPUT = (
-    _DOLLY_INTRO + "\n\n### Instruction:\n{instruction}\n\nInput:\n{input}\n\n"
-    + DOLLY_RESPONSE_MARKER + "\n"
+    _DOLLY_INTRO
+    + "\n\n### Instruction:\n{instruction}\n\nInput:\n{input}\n\n"
+    + DOLLY_RESPONSE_MARKER
+    + "\n"
 )
-_DOLLY_NO_INPUT = _DOLLY_INTRO + "\n\n### Instruction:\n{instruction}\n\n" + DOLLY_RESPONSE_MARKER + "\n"
+_DOLLY_NO_INPUT = (
+    _DOLLY_INTRO + "\n\n### Instruction:\n{instruction}\n\n" + DOLLY_RESPONSE_MARKER + "\n"
+)
+
+_FIELD = re.compile(r"\{instruction\}|\{input\}")
 
 # Stands in for the answer when a chat template is rendered to find where the answer sits.
 _CHAT_PROBE = "\u2063CORRAL-ANSWER\u2063"
@@ -67,8 +74,9 @@ class PromptTemplate:
             user = instruction if not input else f"{instruction}\n\n{input}"
             return self.chat_prefix + user + self.chat_infix
         pattern = self.with_input if input else self.no_input
-        # str.replace, not str.format: user text may contain braces.
-        return pattern.replace("{instruction}", instruction).replace("{input}", input)
+        # One pass over the pattern's own fields: user text may contain braces or "{input}".
+        values = {"{instruction}": instruction, "{input}": input}
+        return _FIELD.sub(lambda match: values[match.group(0)], pattern)
 
     def format_completion(self, output: str) -> str:
         """What follows the prompt in a training example: the answer and the end marker."""
@@ -125,16 +133,22 @@ def chat_template(tokenizer: Any, system_prompt: str | None = None) -> PromptTem
         )
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     user_messages = [*messages, {"role": "user", "content": _CHAT_PROBE}]
-    prompt = tokenizer.apply_chat_template(user_messages, tokenize=False, add_generation_prompt=True)
-    no_generation = tokenizer.apply_chat_template(user_messages, tokenize=False, add_generation_prompt=False)
+    prompt = tokenizer.apply_chat_template(
+        user_messages, tokenize=False, add_generation_prompt=True
+    )
+    no_generation = tokenizer.apply_chat_template(
+        user_messages, tokenize=False, add_generation_prompt=False
+    )
     full = tokenizer.apply_chat_template(
         [*user_messages, {"role": "assistant", "content": _CHAT_PROBE}], tokenize=False
     )
     if not prompt.startswith(no_generation) or prompt == no_generation:
-        raise ValueError("the tokenizer's chat template adds no generation prompt; cannot find the response marker")
-    response_marker = prompt[len(no_generation):]
+        raise ValueError(
+            "the tokenizer's chat template adds no generation prompt; cannot find the response marker"
+        )
+    response_marker = prompt[len(no_generation) :]
     prefix, infix = prompt.split(_CHAT_PROBE, 1)
-    after_answer = full[full.rindex(_CHAT_PROBE) + len(_CHAT_PROBE):]
+    after_answer = full[full.rindex(_CHAT_PROBE) + len(_CHAT_PROBE) :]
     eos = getattr(tokenizer, "eos_token", None) or ""
     # The end marker is the first special-looking token after the answer (e.g. `<|im_end|>`,
     # `<|eot_id|>`); trailing newlines belong to the template, not the stop.
@@ -152,7 +166,9 @@ def chat_template(tokenizer: Any, system_prompt: str | None = None) -> PromptTem
     )
 
 
-def get_template(name: str, tokenizer: Any = None, *, eos_token: str | None = None) -> PromptTemplate:
+def get_template(
+    name: str, tokenizer: Any = None, *, eos_token: str | None = None
+) -> PromptTemplate:
     """The template called `name`; `alpaca` ends with the tokenizer's EOS, `chat` needs the tokenizer."""
     if name == "alpaca":
         eos = eos_token or getattr(tokenizer, "eos_token", None) or "</s>"
