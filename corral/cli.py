@@ -12,6 +12,7 @@ import argparse
 import importlib
 import importlib.util
 import sys
+from pathlib import Path
 
 from corral.config import ConfigError
 from corral.models import ModelNotFoundError
@@ -29,6 +30,14 @@ def _cmd_model_prepare(args: argparse.Namespace) -> int:
     from corral.models import resolve_model
 
     print(resolve_model(args.name))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from corral.report import write_report
+
+    output = write_report([Path(p) for p in args.inputs], Path(args.output), args.seed_tasks)
+    print(f"report written to {output}")
     return 0
 
 
@@ -62,6 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     for module_name in STAGE_COMMAND_MODULES:
         if importlib.util.find_spec(module_name) is not None:
             importlib.import_module(module_name).register(sub)
+
+    report = sub.add_parser(
+        "report",
+        help="one self-contained HTML page with plots of datasets, training runs and evaluations",
+        description="Datasets (Alpaca JSON/JSONL) get the Self-Instruct diversity views (leading "
+        "verbs and objects, ROUGE-L to the nearest seed, lengths, drops by reason); run directories "
+        "get loss, eval-loss and throughput curves; `corral eval` results get win rates.",
+    )
+    report.add_argument(
+        "inputs", nargs="+", metavar="RUN_OR_DATA", help="datasets, run dirs, eval JSON"
+    )
+    report.add_argument("--output", "-o", default="report.html", help="HTML file to write")
+    report.add_argument(
+        "--seed-tasks", type=Path, default=None, help="seed tasks for the nearest-seed ROUGE-L view"
+    )
+    report.set_defaults(func=_cmd_report)
 
     from corral.demo import add_demo_arguments
 
