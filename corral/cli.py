@@ -41,6 +41,33 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from corral.evaluation import EndpointJudge, LocalJudge, evaluate, format_table
+    from corral.fileio import atomic_write_text
+
+    if args.judge and args.judge_base_url:
+        raise UsageError("give --judge (a local model) or --judge-base-url (an endpoint), not both")
+    judge = None
+    if args.judge_base_url:
+        judge = EndpointJudge(args.judge_model, args.judge_base_url)
+    elif args.judge:
+        judge = LocalJudge(args.judge)
+    result = evaluate(
+        args.eval_set,
+        args.base,
+        args.tuned,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        judge=judge,
+    )
+    atomic_write_text(args.output, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    print(format_table(result))
+    print(f"results written to {args.output}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from corral.demo import run_demo
 
@@ -87,6 +114,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed-tasks", type=Path, default=None, help="seed tasks for the nearest-seed ROUGE-L view"
     )
     report.set_defaults(func=_cmd_report)
+
+    evaluation = sub.add_parser(
+        "eval",
+        help="answer an evaluation set with a base and a tuned model; ROUGE-L and a pairwise judge",
+        description="Answers the evaluation set (Self-Instruct's user-oriented JSONL, or Alpaca "
+        "records; evaluation only, never training) with --base and --tuned, reports ROUGE-L "
+        "against the references and answer lengths, and with a judge the pairwise win rate, each "
+        "pair judged in both orders to cancel position bias.",
+    )
+    evaluation.add_argument("--eval-set", required=True, type=Path, help="evaluation JSONL/JSON")
+    evaluation.add_argument("--base", default="embedded", help="base model name or folder")
+    evaluation.add_argument("--tuned", default=None, help="a training run directory (or model)")
+    evaluation.add_argument("--limit", type=int, default=20, help="evaluate the first N items")
+    evaluation.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit")
+    evaluation.add_argument("--judge", default=None, help="a local model as judge (e.g. embedded)")
+    evaluation.add_argument(
+        "--judge-base-url", default=None, help="an OpenAI-compatible endpoint as judge"
+    )
+    evaluation.add_argument(
+        "--judge-model", default="gpt-4o-mini", help="model name at --judge-base-url"
+    )
+    evaluation.add_argument("--output", "-o", default="eval.json", help="results JSON to write")
+    evaluation.set_defaults(func=_cmd_eval)
 
     from corral.demo import add_demo_arguments
 

@@ -1,0 +1,88 @@
+"""`corral eval`: ROUGE-L against references and a pairwise judge in both answer orders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from openai_test_server import OpenAITestServer
+
+from corral.cli import main
+from corral.evaluation import (
+    EndpointJudge,
+    EvalItem,
+    combine_orders,
+    judge_prompt,
+    parse_verdict,
+    read_eval_set,
+)
+
+
+def test_parse_verdict():
+    assert parse_verdict("A") == "A"
+    assert parse_verdict(" b.") == "B"
+    assert parse_verdict("Response B is better") == "B"
+    assert parse_verdict("Neither") is None
+    assert parse_verdict("") is None
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "winner"),
+    [
+        ("B", "A", "tuned"),
+        ("A", "B", "base"),
+        ("A", "A", "tie"),
+        ("B", "B", "tie"),
+        (None, "A", "tie"),
+    ],
+)
+def test_a_win_needs_both_orders(first, second, winner):
+    assert combine_orders(first, second) == winner
+
+
+def test_judge_prompt_places_answers_and_input():
+    item = EvalItem("Sum the numbers.", "1, 2", "3")
+    prompt = judge_prompt(item, "first answer", "second answer")
+    assert prompt.index("### Response A:\nfirst answer") < prompt.index(
+        "### Response B:\nsecond answer"
+    )
+    assert "### Input:\n1, 2" in prompt
+    assert "### Input:" not in judge_prompt(EvalItem("Say hi.", "", "hi"), "x", "y")
+
+
+def test_user_oriented_set_reads_first_instances(user_oriented_path):
+    items = read_eval_set(user_oriented_path)
+    assert len(items) == 252
+    assert all(i.instruction and i.reference for i in items)
+    assert len(read_eval_set(user_oriented_path, limit=5)) == 5
+
+
+def test_endpoint_judge_parses_replies_from_a_real_server():
+    verdicts = iter(["B", "Response A.", "I cannot tell"])
+    with OpenAITestServer(responder=lambda prompt, request: next(verdicts)) as server:
+        judge = EndpointJudge("judge-model", server.base_url, concurrency=1)
+        assert judge.judge(["p1", "p2", "p3"]) == ["B", "A", None]
+
+
+@pytest.mark.slow
+def test_eval_with_embedded_as_contestants_and_judge(user_oriented_path, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    code = main(
+        [
+            "eval", "--eval-set", str(user_oriented_path), "--base", "embedded",
+            "--tuned", "embedded", "--limit", "2", "--max-new-tokens", "12",
+            "--judge", "embedded", "--output", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["kind"] == "corral-eval" and result["num_items"] == 2
+    base, tuned = result["models"]["base"], result["models"]["tuned"]
+    assert 0.0 <= base["rouge_l"] <= 1.0 and base["mean_words"] > 0
+    # Greedy decoding: the same model gives the same answers and scores.
+    assert base["rouge_l_per_item"] == tuned["rouge_l_per_item"]
+    # Identical answers: the judge sees the same prompt in both orders, so it names the same
+    # letter twice, and a position-bias-free comparison calls every item a tie.
+    assert result["judge"]["win_rate"] == {"tuned": 0.0, "base": 0.0, "tie": 1.0}
+    assert all(row["judge"]["base_first"] == row["judge"]["tuned_first"] for row in result["items"])
+    assert "judge embedded" in capsys.readouterr().out
