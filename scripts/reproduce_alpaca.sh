@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Reproduce Stanford Alpaca end to end: 52K instructions from the 175 seed tasks with an
+# OpenAI-compatible teacher, a LLaMA-7B fine-tune (full with FSDP, LoRA or QLoRA), an evaluation
+# on the user-oriented set, and an HTML report. Every step is a `corral` or `accelerate` command;
+# --dry-run prints them all without running anything.
+#
+#   scripts/reproduce_alpaca.sh --dry-run
+#   scripts/reproduce_alpaca.sh --teacher-base-url http://localhost:8000/v1 --teacher-model MODEL \
+#       --method full --gpus 8
+#   scripts/reproduce_alpaca.sh --scaled-down      # the same recipe, tiny, on this CPU (minutes)
+#
+# Each step resumes where it stopped when the script is run again with the same arguments:
+# generation continues its journal and training picks up its last checkpoint (resume=auto).
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+shared="$(cd "$here/.." && pwd)/shared/data/self-instruct"
+
+dry_run=0
+scaled_down=0
+method=full
+gpus=8
+base_model=meta-llama/Llama-2-7b-hf
+teacher_base_url=${OPENAI_BASE_URL:-}
+teacher_model=gpt-4o-mini
+num_instructions=52000
+seed_tasks=$shared/seed_tasks.jsonl
+eval_set=$shared/user_oriented_instructions.jsonl
+eval_limit=252
+out=runs/alpaca_reproduction
+
+usage() {
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+  cat <<EOF
+
+Options:
+  --dry-run                 print every command, run none
+  --scaled-down             embedded model as teacher and base, a few records, CPU presets
+  --method full|lora|qlora  training recipe (default: $method)
+  --gpus N                  GPUs on this machine (default: $gpus)
+  --base-model NAME         model to fine-tune (default: $base_model)
+  --teacher-base-url URL    OpenAI-compatible teacher endpoint (default: \$OPENAI_BASE_URL, or OpenAI)
+  --teacher-model NAME      teacher model id (default: $teacher_model); also the judge
+  --num-instructions N      instructions to generate (default: $num_instructions)
+  --seed-tasks PATH         Self-Instruct seed tasks (default: the 175 original seeds)
+  --eval-set PATH           user-oriented evaluation set (evaluation only, never training)
+  --out DIR                 where everything is written (default: $out)
+EOF
+}
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) dry_run=1 ;;
+    --scaled-down) scaled_down=1 ;;
+    --method) method=$2; shift ;;
+    --gpus) gpus=$2; shift ;;
+    --base-model) base_model=$2; shift ;;
+    --teacher-base-url) teacher_base_url=$2; shift ;;
+    --teacher-model) teacher_model=$2; shift ;;
+    --num-instructions) num_instructions=$2; shift ;;
+    --seed-tasks) seed_tasks=$2; shift ;;
+    --eval-set) eval_set=$2; shift ;;
+    --out) out=$2; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "$0: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+case "$method" in
+  full|lora|qlora) ;;
+  *) echo "$0: --method must be full, lora or qlora, got '$method'" >&2; exit 2 ;;
+esac
+
+# Commands run from the repository root; its .venv (from `make install`) is used when present.
+corral=corral accelerate=accelerate
+[ -x "$here/.venv/bin/corral" ] && corral=.venv/bin/corral accelerate=.venv/bin/accelerate
+
+step=0
+run() {
+  step=$((step + 1))
+  printf '\n[%d] %s\n' "$step" "$*"
+  if [ "$dry_run" = 0 ]; then
+    (cd "$here" && "$@")
+  fi
+}
+
+if [ "$scaled_down" = 1 ]; then
+  # The same four steps, sized for a CPU: the embedded model teaches itself a few records.
+  [ "$method" = full ] && method=lora
+  [ "$out" = runs/alpaca_reproduction ] && out=runs/alpaca_scaled_down
+fi
+data="$out/alpaca_data.json"
+run_dir="$out/run_$method"
+
+if [ "$scaled_down" = 1 ]; then
+  generate=("$corral" generate --config configs/data_gen/embedded_demo.yaml
+    --num-instructions 8 --output "$data")
+  [ -f "$seed_tasks" ] && generate+=(--seed-tasks "$seed_tasks")
+  train=("$accelerate" launch --config_file configs/accelerate/single_device.yaml train.py
+    --config configs/training/smoke.yaml "data=$data" "output_dir=$run_dir" "method=$method"
+    val_size=2 max_steps=12 resume=auto)
+  base_model=embedded
+  evaluate=("$corral" eval --eval-set "$eval_set" --base embedded --tuned "$run_dir" --limit 3
+    --max-new-tokens 48 --judge embedded --output "$out/eval.json")
+else
+  [ -f "$seed_tasks" ] || {
+    echo "$0: seed tasks not found at $seed_tasks: get seed_tasks.jsonl from the Self-Instruct" \
+      "release (175 tasks) and pass --seed-tasks PATH" >&2
+    [ "$dry_run" = 1 ] || exit 2
+  }
+  generate=("$corral" generate --config configs/data_gen/alpaca.yaml --seed-tasks "$seed_tasks"
+    --num-instructions "$num_instructions" --model "$teacher_model" --output "$data")
+  [ -n "$teacher_base_url" ] && generate+=(--base-url "$teacher_base_url")
+  case "$method" in
+    full) accel_config=configs/accelerate/fsdp.yaml; preset=configs/training/alpaca_full_7b.yaml ;;
+    lora) accel_config=configs/accelerate/ddp.yaml; preset=configs/training/alpaca_lora_7b.yaml ;;
+    qlora) accel_config=configs/accelerate/ddp.yaml; preset=configs/training/qlora_7b.yaml ;;
+  esac
+  [ "$gpus" -le 1 ] && accel_config=configs/accelerate/single_device.yaml
+  train=("$accelerate" launch --config_file "$accel_config" --num_processes "$gpus" train.py
+    --config "$preset" "model=$base_model" "data=$data" "output_dir=$run_dir" resume=auto)
+  evaluate=("$corral" eval --eval-set "$eval_set" --base "$base_model" --tuned "$run_dir"
+    --limit "$eval_limit" --judge-model "$teacher_model" --output "$out/eval.json")
+  evaluate+=(--judge-base-url "${teacher_base_url:-https://api.openai.com/v1}")
+  if [ -z "${OPENAI_API_KEY:-}" ] && [ "$dry_run" = 0 ]; then
+    echo "note: OPENAI_API_KEY is not set; a hosted teacher will refuse the requests" >&2
+  fi
+fi
+
+if [ ! -f "$eval_set" ]; then
+  echo "note: evaluation set not found at $eval_set; pass --eval-set (Self-Instruct's" \
+    "user_oriented_instructions.jsonl). Skipping evaluation." >&2
+  evaluate=()
+fi
+
+run "${generate[@]}"
+run "${train[@]}"
+[ ${#evaluate[@]} -gt 0 ] && run "${evaluate[@]}"
+report=("$corral" report "$data" "$run_dir")
+[ ${#evaluate[@]} -gt 0 ] && report+=("$out/eval.json")
+[ -f "$seed_tasks" ] && report+=(--seed-tasks "$seed_tasks")
+run "${report[@]}" --output "$out/report.html"
+
+printf '\nDone%s. Everything is under %s:\n' "$([ "$dry_run" = 1 ] && echo ' (dry run: nothing was run)')" "$out"
+printf '  data      %s\n  run       %s\n  eval      %s\n  report    %s\n' \
+  "$data" "$run_dir" "$out/eval.json" "$out/report.html"
