@@ -1,57 +1,129 @@
-"""`corral demo`: Corral end to end on the embedded model, on this machine.
+"""`corral demo`: Corral end to end on the embedded model, on this machine, in a few minutes.
 
-At this stage it loads the embedded model and answers one instruction through the Alpaca
-template; each stage adds its step (generate, then train, then compare base and tuned answers).
+1. generate a small Alpaca dataset with the embedded model as teacher (stage 1);
+2. train a LoRA on it with the Dolly template, whose answers end with `### End` (stage 2);
+3. answer held-out instructions with the base and the tuned model side by side (stage 3), and
+   count how often each closes its answer with the trained end marker: the base model has never
+   seen `### End`, the tuned one has learned it;
+4. write an HTML report of the data and the run.
+
+Every step resumes: run it again and finished steps are reused (generation continues its
+journal, training its last checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
+from pathlib import Path
 
-DEMO_INSTRUCTION = "Give three tips for staying healthy."
+# Held out: not among the seed tasks, not generated from them on purpose, not in any training file.
+HELD_OUT_INSTRUCTIONS = [
+    "Give three tips for staying healthy.",
+    "Name two planets of the solar system.",
+    "Suggest a title for a short story about a lost key.",
+    "Explain what a thermometer measures.",
+    "Write one sentence that thanks a friend for a gift.",
+]
+DEMO_TEMPLATE = "dolly"
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="embedded", help="base model (default: embedded)")
-    parser.add_argument("--instruction", default=DEMO_INSTRUCTION, help="the instruction to answer")
+    parser.add_argument("--output-dir", default="demo_output", help="where the demo writes")
+    parser.add_argument("--num-instructions", type=int, default=24, help="records to generate")
+    parser.add_argument("--epochs", type=float, default=3, help="LoRA training epochs")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
     parser.add_argument(
-        "--max-new-tokens", type=int, default=96, help="answer length limit in tokens"
+        "--fresh", action="store_true", help="start over instead of reusing earlier results"
     )
 
 
-def answer_once(model_name: str, instruction: str, max_new_tokens: int) -> str:
-    """Greedy answer to one instruction through the Alpaca template, prompt stripped."""
-    import torch
+def _banner(step: int, text: str) -> None:
+    print(f"\n=== [{step}/4] {text}", flush=True)
 
-    from corral.models import load_model, load_tokenizer, quiet_transformers
-    from corral.templates import get_template
 
-    with quiet_transformers():
-        tokenizer = load_tokenizer(model_name)
-        model = load_model(model_name, dtype=torch.float32, tokenizer=tokenizer)
-    model.eval()
-    template = get_template("alpaca", tokenizer)
-    prompt = template.format_prompt(instruction)
-    encoded = tokenizer(prompt, return_tensors="pt")
-    with torch.inference_mode():
-        generated = model.generate(
-            **encoded,
+def generate_step(out: Path, num_instructions: int, fresh: bool) -> tuple[Path, Path]:
+    from data_gen.pipeline import format_summary, generate_demo_dataset
+
+    data_dir = out / "data"
+    if fresh and data_dir.exists():
+        shutil.rmtree(data_dir)
+    result = generate_demo_dataset(data_dir, num_instructions)
+    print(format_summary(result))
+    return result.output_path, result.manifest_path
+
+
+def train_step(out: Path, data: Path, epochs: float, fresh: bool) -> Path:
+    from training.demo import train_demo_adapter
+
+    run_dir = out / "run"
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    # resume=auto: a finished run is reused, an interrupted one continues from its checkpoint.
+    return Path(train_demo_adapter(data, run_dir, epochs=epochs, resume="auto"))
+
+
+def compare_step(run_dir: Path, max_new_tokens: int) -> dict[str, list]:
+    from inference.generation import answer_instructions
+
+    answers = {
+        "base": answer_instructions(
+            "embedded",
+            HELD_OUT_INSTRUCTIONS,
+            template=DEMO_TEMPLATE,
             max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.convert_tokens_to_ids(template.end_marker),
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    new_tokens = generated[0, encoded["input_ids"].shape[1] :]
-    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+        ),
+        "tuned": answer_instructions(run_dir, HELD_OUT_INSTRUCTIONS, max_new_tokens=max_new_tokens),
+    }
+    for index, instruction in enumerate(HELD_OUT_INSTRUCTIONS):
+        print(f"\n### {instruction}")
+        for role in ("base", "tuned"):
+            answer = answers[role][index]
+            closed = "ends with ### End" if answer.end_marker_found else "no ### End"
+            text = " ".join(answer.text.split())
+            print(f"  {role:>5} [{closed}]: {text[:160]}{'…' if len(text) > 160 else ''}")
+    n = len(HELD_OUT_INSTRUCTIONS)
+    print("\nFormat adherence (answer closed with the trained end marker `### End`):")
+    for role in ("base", "tuned"):
+        closed = sum(a.end_marker_found for a in answers[role])
+        print(f"  {role:>5}: {closed}/{n}")
+    return answers
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from corral.models import resolve_model
+    from corral.report import write_report
 
     started = time.monotonic()
-    print(f"[1/1] loading {args.model} ({resolve_model(args.model)})")
-    answer = answer_once(args.model, args.instruction, args.max_new_tokens)
-    print(f"\n### Instruction:\n{args.instruction}\n\n### Response:\n{answer}\n")
-    print(f"done in {time.monotonic() - started:.1f} s")
+    out = Path(args.output_dir)
+    print(f"Corral demo: the embedded model ({resolve_model('embedded')}) end to end.")
+
+    _banner(1, f"generate {args.num_instructions} instructions with the embedded teacher")
+    data, manifest = generate_step(out, args.num_instructions, args.fresh)
+
+    _banner(2, f"train a LoRA on them ({args.epochs:g} epochs, template {DEMO_TEMPLATE})")
+    run_dir = train_step(out, data, args.epochs, args.fresh)
+
+    _banner(3, "answer held-out instructions: base vs tuned")
+    compare_step(run_dir, args.max_new_tokens)
+
+    _banner(4, "report")
+    from data_gen.config import GenerateConfig
+
+    seeds = GenerateConfig().seed_tasks_path()
+    report = write_report([data, run_dir], out / "report.html", seed_tasks=seeds)
+
+    print(f"\nDone in {time.monotonic() - started:.0f} s. Written:")
+    for label, path in (
+        ("data", data),
+        ("manifest", manifest),
+        ("run (adapter)", run_dir),
+        ("metrics", run_dir / "metrics.jsonl"),
+        ("report", report),
+    ):
+        print(f"  {label:<14} {path}")
+    print(
+        f"Next: corral chat --run {run_dir} | corral serve --run {run_dir} | corral eval --tuned {run_dir} ..."
+    )
     return 0

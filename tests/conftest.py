@@ -15,6 +15,9 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "self-instruct"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# Spinning OpenMP threads starve every other process on a two-core machine (servers and launched
+# training processes that tests start); waiting passively costs nothing measurable here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def shared_file(name: str) -> Path:

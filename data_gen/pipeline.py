@@ -1,0 +1,582 @@
+"""Seed tasks to Alpaca JSON: the Stanford Alpaca and Self-Instruct generation loops.
+
+A run goes in rounds. Each round sends a batch of prompts to the teacher (concurrently for an
+endpoint, as one generation batch for a local model), parses the replies, filters them (rules,
+then ROUGE-L novelty against the seeds and everything kept), and commits the accepted tasks to
+the journal. Re-running the same command resumes from the last committed round. When the target is
+reached, the Alpaca JSON and a manifest are written atomically beside the journal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from corral.config import config_to_dict
+from corral.records import SeedTask, read_seed_tasks, write_alpaca
+from data_gen import filters, parsers, prompts
+from data_gen.config import GenerateConfig
+from data_gen.filters import InstructionRules, filter_instances
+from data_gen.journal import Journal
+from data_gen.rouge import RougeNoveltyIndex
+from data_gen.teachers import Completion, FailedRequest, SamplingParams, TeacherStats
+
+MANIFEST_VERSION = 1
+
+
+class GenerationError(RuntimeError):
+    """The run cannot go on (the teacher keeps producing nothing usable); the message says why."""
+
+
+@dataclass
+class GenerationResult:
+    output_path: Path
+    manifest_path: Path
+    journal_path: Path
+    instructions: int
+    records: int
+    drops: dict[str, int]
+    teacher: dict[str, Any]
+    duration_s: float
+    resumed: bool
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def run_paths(output: str | Path) -> tuple[Path, Path, Path]:
+    """(alpaca json, journal, manifest) for an output path: `x.json`, `x.journal.jsonl`, `x.manifest.json`."""
+    output = Path(output)
+    stem = output.with_suffix("") if output.suffix else output
+    return output, Path(f"{stem}.journal.jsonl"), Path(f"{stem}.manifest.json")
+
+
+def load_seeds(config: GenerateConfig) -> tuple[list[SeedTask], dict[str, Any]]:
+    path = config.seed_tasks_path()
+    seeds = read_seed_tasks(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return seeds, {"path": str(path), "count": len(seeds), "sha256_16": digest}
+
+
+def build_teacher(config: GenerateConfig) -> Any:
+    """The teacher a config names (loads a local model, or prepares an endpoint client)."""
+    from data_gen.teachers import LocalTeacher, OpenAICompatibleTeacher
+
+    if config.teacher == "openai":
+        return OpenAICompatibleTeacher(
+            config.model,
+            base_url=config.base_url or None,
+            api=config.api,
+            api_key_env=config.api_key_env,
+            concurrency=config.concurrency,
+            max_retries=config.max_retries,
+            timeout=config.request_timeout,
+            backoff_base=config.backoff_base,
+            backoff_cap=config.backoff_cap,
+            price_per_1k_prompt_tokens=config.price_per_1k_prompt_tokens,
+            price_per_1k_completion_tokens=config.price_per_1k_completion_tokens,
+        )
+    return LocalTeacher(
+        config.model,
+        api=config.api,
+        batch_size=config.local_batch_size,
+        repetition_penalty=config.repetition_penalty,
+        seed=config.seed,
+    )
+
+
+def teacher_identity(config: GenerateConfig) -> dict[str, Any]:
+    if config.teacher == "openai":
+        return {
+            "kind": "openai-compatible",
+            "model": config.model,
+            "base_url": config.base_url,
+            "api": config.api,
+        }
+    return {"kind": "local", "model": config.model, "api": config.api}
+
+
+def run_fingerprint(config: GenerateConfig, seeds_info: dict[str, Any]) -> dict[str, Any]:
+    """What must match for a journal to be resumed (the target count and speed knobs may change)."""
+    return {
+        "mode": config.mode,
+        "seed_tasks_sha256_16": seeds_info["sha256_16"],
+        "teacher": teacher_identity(config),
+        "rouge_threshold": config.rouge_threshold,
+        "seed": config.seed,
+    }
+
+
+def records_from_tasks(tasks: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Alpaca records: one per instance of every accepted task."""
+    return [
+        {"instruction": t["instruction"], "input": inst["input"], "output": inst["output"]}
+        for t in tasks
+        for inst in t["instances"]
+    ]
+
+
+class _Generator:
+    """One run's state: seeds, rules, novelty index, counters. Used by `generate_dataset`."""
+
+    def __init__(self, config: GenerateConfig, seeds: list[SeedTask], teacher: Any) -> None:
+        self.config = config
+        self.seeds = seeds
+        self.teacher = teacher
+        self.rules = InstructionRules(
+            config.min_instruction_words, config.max_instruction_words, tuple(config.blocklist)
+        )
+        self.index = RougeNoveltyIndex(config.rouge_threshold)
+        self.index.extend(s.instruction for s in seeds)
+        self.machine_instructions: list[str] = []
+        self.drops: Counter = Counter()
+        self.candidates = 0
+        classification = [s for s in seeds if s.is_classification]
+        others = [s for s in seeds if not s.is_classification]
+        self.classification_seeds = classification
+        self.other_seeds = others
+        # A fixed, balanced few-shot set for "Is it classification?": identical prompts every time.
+        half = config.classification_examples // 2
+        picked = (
+            classification[:half]
+            + others[: config.classification_examples - min(half, len(classification))]
+        )
+        random.Random(0).shuffle(picked)
+        self.classification_fewshot = picked[: config.classification_examples]
+
+    def restore(self, tasks: list[dict[str, Any]]) -> None:
+        for task in tasks:
+            self.index.add(task["instruction"])
+            self.machine_instructions.append(task["instruction"])
+
+    # ------------------------------------------------------------ shared steps
+
+    def _sampling(self, stop: list[str]) -> SamplingParams:
+        c = self.config
+        return SamplingParams(
+            temperature=c.temperature,
+            top_p=c.top_p,
+            max_tokens=c.max_tokens,
+            stop=tuple(stop),
+            presence_penalty=c.presence_penalty,
+        )
+
+    def _accept_instruction(self, instruction: str, *, add: bool) -> dict[str, Any] | None:
+        """Rules, then novelty. `add=False` only checks (Self-Instruct adds after instances)."""
+        reason = self.rules.drop_reason(instruction)
+        if reason:
+            self.drops[reason] += 1
+            return None
+        decision = self.index.add_if_novel(instruction) if add else self.index.check(instruction)
+        if not decision.novel:
+            self.drops[filters.NOT_NOVEL] += 1
+            return None
+        nearest = (
+            self.index.texts[decision.nearest_index] if decision.nearest_index is not None else None
+        )
+        return {"nearest_instruction": nearest, "rouge_l": round(decision.max_fmeasure, 4)}
+
+    def _completions(self, prompts_: list[str], params: SamplingParams) -> list[Completion | None]:
+        results = self.teacher.complete(prompts_, params)
+        out: list[Completion | None] = []
+        for r in results:
+            if isinstance(r, FailedRequest):
+                self.drops[filters.REQUEST_FAILED] += 1
+                out.append(None)
+            else:
+                out.append(r)
+        return out
+
+    # ------------------------------------------------------------ Stanford Alpaca
+
+    def alpaca_round(self, rng: random.Random, size: int) -> list[dict[str, Any]]:
+        c = self.config
+        k = min(c.num_prompt_instructions, len(self.seeds))
+        batch = [
+            prompts.alpaca_prompt(rng.sample(self.seeds, k), c.tasks_per_request)
+            for _ in range(size)
+        ]
+        params = self._sampling(prompts.alpaca_stop_sequences(c.tasks_per_request))
+        accepted = []
+        for completion in self._completions(batch, params):
+            if completion is None:
+                continue
+            parsed = parsers.parse_alpaca_tasks(completion.text, completion.finish_reason)
+            self.drops.update(parsed.drops)
+            for item in parsed.items:
+                self.candidates += 1
+                info = self._accept_instruction(item["instruction"], add=True)
+                if info is None:
+                    continue
+                accepted.append(
+                    {
+                        "instruction": item["instruction"],
+                        "instances": [{"input": item["input"], "output": item["output"]}],
+                        **info,
+                    }
+                )
+        return accepted
+
+    # ------------------------------------------------------------ Self-Instruct
+
+    def self_instruct_round(self, rng: random.Random, size: int) -> list[dict[str, Any]]:
+        c = self.config
+        # Step 1: bootstrap instructions from human and machine demonstrations.
+        batch = []
+        for _ in range(size):
+            machine = rng.sample(
+                self.machine_instructions, min(c.num_machine_demos, len(self.machine_instructions))
+            )
+            n_human = c.num_human_demos + c.num_machine_demos - len(machine)
+            human = [s.instruction for s in rng.sample(self.seeds, min(n_human, len(self.seeds)))]
+            demos = human + machine
+            rng.shuffle(demos)
+            batch.append(prompts.bootstrap_prompt(demos))
+        params = SamplingParams(
+            temperature=c.temperature,
+            top_p=c.top_p,
+            max_tokens=c.max_tokens,
+            stop=tuple(prompts.bootstrap_stop_sequences(c.max_bootstrap_tasks)),
+            presence_penalty=c.presence_penalty,
+        )
+        candidates: list[tuple[str, dict[str, Any]]] = []
+        in_round = RougeNoveltyIndex(c.rouge_threshold)
+        for completion in self._completions(batch, params):
+            if completion is None:
+                continue
+            parsed = parsers.parse_bootstrap_instructions(completion.text, completion.finish_reason)
+            self.drops.update(parsed.drops)
+            for item in parsed.items:
+                self.candidates += 1
+                info = self._accept_instruction(item["instruction"], add=False)
+                if info is None:
+                    continue
+                if not in_round.add_if_novel(item["instruction"]).novel:
+                    self.drops[filters.NOT_NOVEL] += 1
+                    continue
+                candidates.append((item["instruction"], info))
+        if not candidates:
+            return []
+
+        # Step 2: is each a classification task?
+        instance_params = SamplingParams(
+            temperature=c.instance_temperature,
+            top_p=1.0,
+            max_tokens=3,
+            presence_penalty=0.0,
+        )
+        answers = self._completions(
+            [
+                prompts.classification_prompt(self.classification_fewshot, text)
+                for text, _ in candidates
+            ],
+            instance_params,
+        )
+        is_cls = [
+            bool(parsers.parse_classification_answer(a.text)) if a is not None else False
+            for a in answers
+        ]
+
+        # Step 3: instances, output-first for classification tasks.
+        instance_prompts = []
+        for (text, _), cls in zip(candidates, is_cls, strict=True):
+            pool = (self.classification_seeds if cls else self.other_seeds) or self.seeds
+            examples = rng.sample(pool, min(c.instance_examples, len(pool)))
+            instance_prompts.append(prompts.instances_prompt(examples, text, is_classification=cls))
+        params = SamplingParams(
+            temperature=c.instance_temperature,
+            top_p=1.0,
+            max_tokens=c.instance_max_tokens,
+            stop=tuple(prompts.instances_stop_sequences()),
+            presence_penalty=c.instance_presence_penalty,
+        )
+        accepted = []
+        for (text, info), cls, completion in zip(
+            candidates, is_cls, self._completions(instance_prompts, params), strict=True
+        ):
+            if completion is None:
+                continue
+            parsed = parsers.parse_instances(
+                completion.text, is_classification=cls, finish_reason=completion.finish_reason
+            )
+            self.drops.update(parsed.drops)
+            kept, dropped = filter_instances(parsed.items)
+            self.drops.update(dropped)
+            kept = kept[: c.max_instances]
+            if not kept:
+                self.drops[filters.NO_VALID_INSTANCES] += 1
+                continue
+            # Step 4: the instruction joins the pool (checked again against this round's earlier
+            # acceptances, which it already passed as candidates).
+            if not self.index.add_if_novel(text).novel:
+                self.drops[filters.NOT_NOVEL] += 1
+                continue
+            accepted.append(
+                {"instruction": text, "is_classification": cls, "instances": kept, **info}
+            )
+        return accepted
+
+
+def generate_dataset(
+    config: GenerateConfig,
+    *,
+    teacher: Any = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    overwrite: bool = False,
+) -> GenerationResult:
+    """Run (or resume) a generation and write the Alpaca JSON and its manifest.
+
+    `teacher` may be passed in (any object with `complete(prompts, SamplingParams)`, `stats`,
+    `describe()`); otherwise it is built from the config, and only if work remains.
+    """
+    log = log or (lambda text: print(text, file=sys.stderr))
+    started = time.monotonic()
+    seeds, seeds_info = load_seeds(config)
+    output_path, journal_path, manifest_path = run_paths(config.output)
+    if overwrite:
+        for path in (journal_path, manifest_path, output_path):
+            path.unlink(missing_ok=True)
+    journal = Journal(journal_path)
+    state = journal.open(run_fingerprint(config, seeds_info))
+    target = config.num_instructions
+    tasks = state.tasks
+    previous = state.last_commit
+    elapsed_before = float(previous.get("elapsed_s", 0.0))
+    drops: Counter = Counter(previous.get("drops", {}))
+    if state.resumed:
+        log(f"resuming {journal_path}: {len(tasks)} of {target} instructions already kept")
+
+    work_to_do = len(tasks) < target
+    own_teacher = teacher is None and work_to_do
+    if own_teacher:
+        teacher = build_teacher(config)
+    teacher_stats = previous.get("teacher", {})
+    teacher_info = teacher_identity(config)
+    candidates = int(previous.get("candidates", 0))
+    try:
+        if work_to_do:
+            # The teacher's counters become this run's totals, carried over from earlier sessions.
+            teacher.stats = TeacherStats()
+            teacher.stats.restore(teacher_stats)
+            gen = _Generator(config, seeds, teacher)
+            gen.restore(tasks)
+            gen.drops = drops
+            gen.candidates = candidates
+            tasks = _run_rounds(
+                config, gen, journal, tasks, state.rounds, started, elapsed_before, progress
+            )
+            drops, candidates = gen.drops, gen.candidates
+            teacher_stats = teacher.stats.to_dict()
+            teacher_info = teacher.describe()
+    finally:
+        journal.close()
+        if own_teacher and teacher is not None:
+            teacher.close()
+
+    tasks = tasks[:target]
+    records = records_from_tasks(tasks)
+    write_alpaca(output_path, records)
+    duration = elapsed_before + (time.monotonic() - started if work_to_do else 0.0)
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "mode": config.mode,
+        "output": str(output_path),
+        "journal": str(journal_path),
+        "seed_tasks": seeds_info,
+        "teacher": teacher_info,
+        "counts": {
+            "instructions": len(tasks),
+            "records": len(records),
+            "candidates": candidates,
+            "dropped": dict(sorted(drops.items())),
+            "classification_instructions": sum(1 for t in tasks if t.get("is_classification")),
+        },
+        "requests": teacher_stats.get("requests", 0),
+        "retries": teacher_stats.get("retries", 0),
+        "failed_requests": teacher_stats.get("failed_requests", 0),
+        "request_errors": teacher_stats.get("errors", {}),
+        "tokens": {
+            "prompt": teacher_stats.get("prompt_tokens", 0),
+            "completion": teacher_stats.get("completion_tokens", 0),
+        },
+        "cost_usd": round(float(teacher_stats.get("cost_usd", 0.0)), 6),
+        "duration_s": round(duration, 2),
+        "resumed": state.resumed,
+        "config": config_to_dict(config),
+    }
+    import json
+
+    from corral.fileio import atomic_write_text
+
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return GenerationResult(
+        output_path=output_path,
+        manifest_path=manifest_path,
+        journal_path=journal_path,
+        instructions=len(tasks),
+        records=len(records),
+        drops=dict(drops),
+        teacher=teacher_info,
+        duration_s=duration,
+        resumed=state.resumed,
+        manifest=manifest,
+    )
+
+
+def _run_rounds(
+    config: GenerateConfig,
+    gen: _Generator,
+    journal: Journal,
+    tasks: list[dict[str, Any]],
+    rounds_done: int,
+    started: float,
+    elapsed_before: float,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    target = config.num_instructions
+    size = config.rounds_size()
+    round_no = rounds_done
+    idle = 0
+    requests_at_start = gen.teacher.stats.requests
+    bar = tqdm(
+        total=target,
+        initial=len(tasks),
+        unit="instr",
+        desc=f"generate ({config.mode})",
+        disable=not progress,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+    try:
+        while len(tasks) < target:
+            round_no += 1
+            # One generator per round, derived from the run seed: a resumed run samples the same
+            # demonstrations for the same round.
+            rng = random.Random(f"{config.seed}:{round_no}")
+            if config.mode == "alpaca":
+                accepted = gen.alpaca_round(rng, size)
+            else:
+                accepted = gen.self_instruct_round(rng, size)
+            surplus = len(accepted) - (target - len(tasks))
+            if surplus > 0:
+                # Good tasks beyond the target (the last round asked for more than was left).
+                gen.drops[filters.OVER_TARGET] += surplus
+                accepted = accepted[: target - len(tasks)]
+            for task in accepted:
+                gen.machine_instructions.append(task["instruction"])
+            tasks.extend(accepted)
+            journal.commit(
+                accepted,
+                {
+                    "round": round_no,
+                    "tasks": len(tasks),
+                    "candidates": gen.candidates,
+                    "drops": dict(gen.drops),
+                    "teacher": gen.teacher.stats.to_dict(),
+                    "elapsed_s": round(elapsed_before + time.monotonic() - started, 3),
+                },
+            )
+            seconds = max(time.monotonic() - started, 1e-9)
+            rate = (gen.teacher.stats.requests - requests_at_start) / seconds
+            bar.set_postfix(
+                kept=len(tasks),
+                dropped=sum(gen.drops.values()),
+                req_s=f"{rate:.1f}" if rate >= 10 else f"{rate:.2f}",
+                refresh=False,
+            )
+            bar.update(len(accepted))
+            bar.refresh()
+            idle = 0 if accepted else idle + 1
+            if idle >= config.max_idle_rounds:
+                top = ", ".join(f"{k}={v}" for k, v in gen.drops.most_common(4)) or "none"
+                raise GenerationError(
+                    f"{idle} rounds in a row kept nothing (drops so far: {top}); the teacher's "
+                    "replies are not usable: check the model, the api (chat/completions) and the "
+                    "prompt settings. Re-running resumes from what was kept."
+                )
+    finally:
+        bar.close()
+    return tasks
+
+
+def format_summary(result: GenerationResult) -> str:
+    """A one-screen summary of a finished run."""
+    m = result.manifest
+    counts = m["counts"]
+    lines = [
+        f"Generated {result.instructions} instructions -> {result.records} Alpaca records "
+        f"({m['mode']} mode{', resumed' if result.resumed else ''})",
+        f"  output    {result.output_path}",
+        f"  manifest  {result.manifest_path}",
+        f"  journal   {result.journal_path}",
+        f"  teacher   {m['teacher'].get('kind')} {m['teacher'].get('model')}"
+        + (f" at {m['teacher']['base_url']}" if m["teacher"].get("base_url") else ""),
+        f"  requests  {m['requests']} ({m['retries']} retries, {m['failed_requests']} failed)"
+        + (f"; errors {m['request_errors']}" if m["request_errors"] else ""),
+        f"  tokens    {m['tokens']['prompt']} prompt + {m['tokens']['completion']} completion"
+        + (f"; cost ${m['cost_usd']:.4f}" if m["cost_usd"] else ""),
+        f"  time      {m['duration_s']:.1f} s",
+        f"  candidates parsed {counts['candidates']}, kept {result.instructions}, dropped:",
+    ]
+    dropped = counts["dropped"]
+    if dropped:
+        width = max(len(k) for k in dropped)
+        for reason, n in sorted(dropped.items(), key=lambda kv: -kv[1]):
+            lines.append(f"    {reason:<{width}}  {n}")
+    else:
+        lines.append("    (nothing)")
+    return "\n".join(lines)
+
+
+DEMO_PRESET = Path(__file__).resolve().parents[1] / "configs" / "data_gen" / "embedded_demo.yaml"
+
+
+def generate_demo_dataset(
+    output_dir: str | Path,
+    num_instructions: int = 30,
+    *,
+    progress: bool = True,
+    overrides: tuple[str, ...] = (),
+) -> GenerationResult:
+    """A small Alpaca dataset from the embedded teacher, in `output_dir/alpaca_data.json`.
+
+    Uses configs/data_gen/embedded_demo.yaml when present (a source checkout), else the same
+    settings built in. Resumable like any run: calling it again continues or reuses the result.
+    """
+    from corral.config import load_config
+
+    output = str(Path(output_dir) / "alpaca_data.json")
+    if DEMO_PRESET.is_file():
+        config = load_config(
+            GenerateConfig,
+            DEMO_PRESET,
+            list(overrides),
+            num_instructions=num_instructions,
+            output=output,
+        )
+    else:
+        config = load_config(
+            GenerateConfig,
+            None,
+            list(overrides),
+            mode="alpaca",
+            teacher="local",
+            model="embedded",
+            api="completions",
+            tasks_per_request=5,
+            temperature=0.7,
+            top_p=0.9,
+            max_tokens=192,
+            repetition_penalty=1.1,
+            num_instructions=num_instructions,
+            output=output,
+        )
+    return generate_dataset(config, progress=progress)

@@ -1,0 +1,431 @@
+"""Teachers: the models that write the data. The only network client code in Corral.
+
+- `OpenAICompatibleTeacher`: any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp, Ollama,
+  Corral's own server) through the official `openai` client, chat or completions API, with many
+  requests in flight and its own retry policy: exponential backoff with jitter on 429, 5xx,
+  timeouts, dropped connections and malformed replies, waiting at least what Retry-After says.
+- `LocalTeacher`: a transformers causal LM (`embedded` by default), batched generation with left
+  padding.
+
+Both take a list of prompts and return one `Completion` (or a failure) per prompt, in order, and
+keep running totals of requests, retries, tokens and cost in `TeacherStats`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+LOCAL_BASE_URL_PREFIXES = ("http://127.", "http://localhost", "http://0.0.0.0", "http://[::1]")
+
+
+class TeacherError(RuntimeError):
+    """The teacher cannot be used at all (bad key, unknown model, endpoint down): stop the run."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class FailedRequest:
+    """A request that still failed after every retry; the run goes on without it."""
+
+    error: str
+
+
+@dataclass
+class TeacherStats:
+    requests: int = 0  # HTTP requests or prompts generated, retries included
+    completions: int = 0
+    retries: int = 0
+    failed_requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        for key, value in saved.items():
+            if hasattr(self, key):
+                setattr(self, key, dict(value) if isinstance(value, dict) else value)
+
+
+def backoff_delay(
+    attempt: int,
+    retry_after: float | None,
+    *,
+    base: float = 0.5,
+    cap: float = 30.0,
+    rng: random.Random | None = None,
+) -> float:
+    """Seconds to wait before retry number `attempt` (0-based).
+
+    Exponential (base * 2^attempt, capped) with "equal jitter" (half fixed, half random) so that
+    many clients throttled at once do not retry in lockstep; never less than the server's
+    Retry-After.
+    """
+    rng = rng or random
+    exponential = min(cap, base * (2**attempt))
+    delay = exponential / 2 + rng.uniform(0, exponential / 2)
+    if retry_after is not None and retry_after > 0:
+        # The server said when; add a little jitter on top so throttled clients spread out.
+        delay = max(delay, retry_after + rng.uniform(0, min(1.0, retry_after / 4)))
+    return delay
+
+
+def parse_retry_after(headers: Any) -> float | None:
+    """Seconds from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
+    if headers is None:
+        return None
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            return float(value) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        import email.utils
+
+        parsed = email.utils.parsedate_tz(value)
+        if parsed is None:
+            return None
+        return max(0.0, email.utils.mktime_tz(parsed) - time.time())
+
+
+class OpenAICompatibleTeacher:
+    """Any OpenAI-compatible endpoint, chat or completions API, `concurrency` requests at once."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api: str = "chat",
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 8,
+        max_retries: int = 6,
+        timeout: float = 120.0,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 30.0,
+        price_per_1k_prompt_tokens: float = 0.0,
+        price_per_1k_completion_tokens: float = 0.0,
+    ) -> None:
+        if api not in ("chat", "completions"):
+            raise ValueError(f"api must be 'chat' or 'completions', got {api!r}")
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            if base_url is None:
+                raise TeacherError(
+                    f"no API key: set ${api_key_env}, or give --base-url for a local server"
+                )
+            # Local servers (vLLM, llama.cpp, Ollama, Corral) accept any key; the client needs one.
+            api_key = "not-needed"
+        self.model = model
+        self.base_url = base_url
+        self.api = api
+        self.api_key_env = api_key_env
+        self.concurrency = concurrency
+        self.max_retries = max_retries
+        self.timeout = timeout
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.price_per_1k_prompt_tokens = price_per_1k_prompt_tokens
+        self.price_per_1k_completion_tokens = price_per_1k_completion_tokens
+        self.stats = TeacherStats()
+        self._api_key = api_key
+        self._rng = random.Random()
+        # One event loop for the teacher's lifetime, so the client's connection pool is reused
+        # from one batch to the next.
+        self._loop = asyncio.new_event_loop()
+        self._client = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "openai-compatible",
+            "model": self.model,
+            "base_url": self.base_url or "https://api.openai.com/v1",
+            "api": self.api,
+            "concurrency": self.concurrency,
+        }
+
+    def _get_client(self):
+        if self._client is None:
+            import httpx2
+            from openai import AsyncOpenAI
+
+            limits = httpx2.Limits(
+                max_connections=self.concurrency, max_keepalive_connections=self.concurrency
+            )
+            self._client = AsyncOpenAI(
+                api_key=self._api_key,
+                base_url=self.base_url,
+                max_retries=0,  # retries are ours: counted, jittered, Retry-After honoured
+                timeout=self.timeout,
+                http_client=httpx2.AsyncClient(limits=limits, timeout=self.timeout),
+            )
+        return self._client
+
+    def complete(
+        self, prompts: Sequence[str], params: SamplingParams
+    ) -> list[Completion | FailedRequest]:
+        """One completion per prompt, in order, with up to `concurrency` requests in flight."""
+        return self._loop.run_until_complete(self._complete_all(list(prompts), params))
+
+    async def _complete_all(
+        self, prompts: list[str], params: SamplingParams
+    ) -> list[Completion | FailedRequest]:
+        client = self._get_client()
+        semaphore = asyncio.Semaphore(self.concurrency)
+
+        async def one(prompt: str) -> Completion | FailedRequest:
+            async with semaphore:
+                return await self._request_with_retries(client, prompt, params)
+
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+    async def _request_with_retries(
+        self, client: Any, prompt: str, params: SamplingParams
+    ) -> Completion | FailedRequest:
+        import openai
+
+        attempt = 0
+        while True:
+            self.stats.requests += 1
+            retry_after: float | None = None
+            try:
+                completion = await self._request(client, prompt, params)
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+                raise TeacherError(f"the teacher endpoint refused the key: {_short(exc)}") from None
+            except openai.NotFoundError as exc:
+                raise TeacherError(
+                    f"the teacher endpoint has no model {self.model!r} or no {self.api} API: "
+                    f"{_short(exc)}"
+                ) from None
+            except openai.APIStatusError as exc:
+                status = exc.status_code
+                if status != 429 and status < 500 and status != 408:
+                    raise TeacherError(
+                        f"the teacher endpoint rejected a request: {_short(exc)}"
+                    ) from None
+                retry_after = parse_retry_after(exc.response.headers)
+                error = f"http_{status}"
+            except openai.APITimeoutError:
+                error = "timeout"
+            except openai.APIConnectionError:
+                error = "connection"
+            except (
+                openai.APIResponseValidationError,
+                ValueError,
+                TypeError,
+                AttributeError,
+                KeyError,
+                IndexError,
+            ):
+                error = "malformed_reply"
+            else:
+                self.stats.completions += 1
+                self.stats.prompt_tokens += completion.prompt_tokens
+                self.stats.completion_tokens += completion.completion_tokens
+                self.stats.cost_usd += (
+                    completion.prompt_tokens * self.price_per_1k_prompt_tokens
+                    + completion.completion_tokens * self.price_per_1k_completion_tokens
+                ) / 1000
+                return completion
+            self.stats.errors[error] = self.stats.errors.get(error, 0) + 1
+            if attempt >= self.max_retries:
+                self.stats.failed_requests += 1
+                return FailedRequest(f"{error} after {attempt + 1} attempts")
+            self.stats.retries += 1
+            await asyncio.sleep(
+                backoff_delay(
+                    attempt,
+                    retry_after,
+                    base=self.backoff_base,
+                    cap=self.backoff_cap,
+                    rng=self._rng,
+                )
+            )
+            attempt += 1
+
+    async def _request(self, client: Any, prompt: str, params: SamplingParams) -> Completion:
+        import httpx2
+
+        body: dict[str, Any] = {
+            "model": self.model,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "max_tokens": params.max_tokens,
+        }
+        # OpenAI accepts at most 4 stop sequences.
+        if params.stop:
+            body["stop"] = list(params.stop)[:4]
+        if params.presence_penalty:
+            body["presence_penalty"] = params.presence_penalty
+        if params.frequency_penalty:
+            body["frequency_penalty"] = params.frequency_penalty
+        if self.api == "chat":
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
+        # The client's generic `post` (its documented way to send a plain JSON body) keeps its auth,
+        # timeouts and typed status errors but skips building typed request and response models,
+        # which costs more CPU than the HTTP round trip itself at hundreds of requests per second.
+        response = await client.post(
+            "/chat/completions" if self.api == "chat" else "/completions",
+            cast_to=httpx2.Response,
+            body=body,
+        )
+        data = response.json()
+        choice = data["choices"][0]
+        text = choice["message"]["content"] if self.api == "chat" else choice["text"]
+        if not isinstance(text, str):
+            raise ValueError("reply holds no text")
+        usage = data.get("usage") or {}
+        return Completion(
+            text=text,
+            finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+        )
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._loop.run_until_complete(self._client.close())
+            self._client = None
+        self._loop.close()
+
+
+def _short(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+class LocalTeacher:
+    """A transformers causal LM on this machine; prompts are generated `batch_size` at a time."""
+
+    def __init__(
+        self,
+        model: str = "embedded",
+        *,
+        api: str = "chat",
+        batch_size: int = 4,
+        repetition_penalty: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        import torch
+
+        from corral.models import load_model, load_tokenizer, quiet_transformers
+
+        if api not in ("chat", "completions"):
+            raise ValueError(f"api must be 'chat' or 'completions', got {api!r}")
+        with quiet_transformers():
+            # Left padding: every prompt of a batch then ends at the same position, where
+            # generation starts.
+            self.tokenizer = load_tokenizer(model, padding_side="left")
+            self.model = load_model(model, dtype=torch.float32, tokenizer=self.tokenizer)
+        self.model.eval()
+        if api == "chat" and not getattr(self.tokenizer, "chat_template", None):
+            api = "completions"  # a base model: give it the raw prompt to continue
+        self.model_name = model
+        self.api = api
+        self.batch_size = max(1, batch_size)
+        self.repetition_penalty = repetition_penalty
+        self.seed = seed
+        self.stats = TeacherStats()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "local",
+            "model": self.model_name,
+            "api": self.api,
+            "batch_size": self.batch_size,
+        }
+
+    def _render(self, prompt: str) -> str:
+        if self.api == "chat":
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        return prompt
+
+    def complete(
+        self, prompts: Sequence[str], params: SamplingParams
+    ) -> list[Completion | FailedRequest]:
+        results: list[Completion | FailedRequest] = []
+        for start in range(0, len(prompts), self.batch_size):
+            results.extend(self._generate(list(prompts[start : start + self.batch_size]), params))
+        return results
+
+    def _generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
+        import torch
+
+        texts = [self._render(p) for p in prompts]
+        encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        do_sample = params.temperature > 0
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": params.max_tokens,
+            "do_sample": do_sample,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": self.tokenizer.eos_token_id,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        if do_sample:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        # A seed per call keeps runs reproducible without correlating successive batches.
+        torch.manual_seed(self.seed + self.stats.requests)
+        with torch.inference_mode():
+            generated = self.model.generate(**encoded, **kwargs)
+        prompt_len = encoded["input_ids"].shape[1]
+        completions = []
+        for row, mask in zip(generated, encoded["attention_mask"], strict=True):
+            new_tokens = row[prompt_len:]
+            ended = bool((new_tokens == self.tokenizer.eos_token_id).any())
+            new_tokens = new_tokens[new_tokens != self.tokenizer.pad_token_id]
+            text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+            cuts = [i for i in (text.find(stop) for stop in params.stop) if i >= 0]
+            stopped_at_string = bool(cuts)
+            if cuts:
+                text = text[: min(cuts)]
+            n_new = int(new_tokens.numel())
+            finish = "stop" if ended or stopped_at_string or n_new < params.max_tokens else "length"
+            completions.append(Completion(text, finish, int(mask.sum()), n_new))
+            self.stats.prompt_tokens += int(mask.sum())
+            self.stats.completion_tokens += n_new
+        self.stats.requests += len(prompts)
+        self.stats.completions += len(prompts)
+        return completions
+
+    def close(self) -> None:
+        pass

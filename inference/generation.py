@@ -1,0 +1,190 @@
+"""Answer instructions and conversations with a loaded model: prompts, generation, extraction.
+
+Prompts come from `corral.templates` (the template a run trained with); generation runs on the
+batching engine; the answer is cut out Dolly style by `inference.extraction`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from inference.engine import GenerationEngine, GenerationResult
+from inference.extraction import ExtractedResponse, extract_response
+from inference.loading import LoadedModel, load_for_inference
+from inference.params import SamplingParams
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Answer:
+    """One answered instruction: the extracted answer and the raw generation behind it."""
+
+    instruction: str
+    input: str
+    text: str  # the extracted answer
+    raw: str  # everything generated, special tokens kept
+    end_marker_found: bool  # did the model close its answer with the template's end marker?
+    finish_reason: str
+    completion_tokens: int
+
+
+def templated_params(loaded: LoadedModel, **sampling: Any) -> SamplingParams:
+    """Sampling settings that stop at the template's end marker (and at EOS)."""
+    stop = tuple(sampling.pop("stop", ())) + loaded.stop_strings()
+    stop_ids = tuple(sampling.pop("stop_token_ids", ())) + loaded.stop_token_ids()
+    return SamplingParams(stop=stop, stop_token_ids=stop_ids, **sampling)
+
+
+def encode_prompt(loaded: LoadedModel, text: str) -> list[int]:
+    """Token ids of a rendered prompt, encoded the way training encodes prompts.
+
+    A chat template renders its own special tokens (BOS included where it has one), so the
+    tokenizer adds none; instruction templates get the tokenizer's usual special tokens.
+    """
+    add_special = loaded.template.name != "chat"
+    return list(loaded.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+
+def render_conversation(loaded: LoadedModel, messages: Sequence[dict[str, str]]) -> str:
+    """The prompt for a conversation that ends with a user message.
+
+    With the `chat` template the tokenizer's own chat template renders every turn. Instruction
+    templates (alpaca, dolly) are single-turn: earlier turns are replayed as prompt + answer pairs
+    and a system message goes before them, so a run trained on single-turn data sees its own format.
+    """
+    if not messages or messages[-1].get("role") != "user":
+        raise ValueError("the last message must come from the user")
+    if loaded.template.name == "chat":
+        return loaded.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True
+        )
+    parts: list[str] = []
+    pending_user: str | None = None
+    for message in messages:
+        role, content = message["role"], message["content"]
+        if role == "system":
+            parts.append(content.strip() + "\n\n")
+        elif role == "user":
+            if pending_user is not None:
+                parts.append(loaded.template.format_prompt(pending_user) + "\n\n")
+            pending_user = content
+        elif role == "assistant":
+            if pending_user is not None:
+                parts.append(
+                    loaded.template.format_prompt(pending_user)
+                    + loaded.template.format_completion(content)
+                    + "\n\n"
+                )
+                pending_user = None
+    parts.append(loaded.template.format_prompt(pending_user or ""))
+    return "".join(parts)
+
+
+def answer_records(
+    loaded: LoadedModel,
+    engine: GenerationEngine,
+    records: Sequence[dict[str, Any]],
+    params: SamplingParams,
+) -> list[Answer]:
+    """Answer Alpaca records (instruction, input) in one batched run of the engine."""
+    prompts = [
+        encode_prompt(loaded, loaded.template.format_prompt(r["instruction"], r.get("input") or ""))
+        for r in records
+    ]
+    results = engine.generate(prompts, params)
+    return [_answer(loaded, r, result) for r, result in zip(records, results, strict=True)]
+
+
+def _answer(loaded: LoadedModel, record: dict[str, Any], result: GenerationResult) -> Answer:
+    extracted: ExtractedResponse = extract_response(
+        result.token_ids, loaded.decode_keeping_special, loaded.markers
+    )
+    # Special tokens other than the markers are not part of an answer.
+    text = extracted.text
+    for special in loaded.tokenizer.all_special_tokens:
+        text = text.replace(special, "")
+    text = text.strip()
+    return Answer(
+        instruction=record["instruction"],
+        input=record.get("input") or "",
+        text=text,
+        raw=loaded.decode_keeping_special(result.token_ids),
+        end_marker_found=extracted.end_marker_found,
+        finish_reason=result.finish_reason,
+        completion_tokens=result.completion_tokens,
+    )
+
+
+def answer_instructions(
+    model_or_run: str | Path,
+    instructions: Sequence[str | dict[str, str]],
+    *,
+    max_new_tokens: int = 128,
+    template: str | None = None,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    batch_size: int = 8,
+    loaded: LoadedModel | None = None,
+) -> list[Answer]:
+    """Answer instructions with a base model name/folder or a training run directory.
+
+    `model_or_run` is a run directory when it holds `run_info.json`. Greedy by default, so a base
+    and a tuned model can be compared answer by answer; `Answer.end_marker_found` tells whether the
+    model ended its answer the way the template asks (format adherence). Pass `loaded` to reuse a
+    model already in memory.
+    """
+    if loaded is None:
+        is_run = (Path(model_or_run) / "run_info.json").is_file()
+        loaded = load_for_inference(
+            None if is_run else str(model_or_run),
+            run=model_or_run if is_run else None,
+            template=template,  # a run refuses a template other than its own
+        )
+    records = [
+        {"instruction": i, "input": ""} if isinstance(i, str) else {"input": "", **i}
+        for i in instructions
+    ]
+    engine = GenerationEngine(
+        loaded.model,
+        loaded.tokenizer,
+        max_batch_size=batch_size,
+        context_length=loaded.context_length,
+    )
+    params = templated_params(
+        loaded, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+    )
+    return answer_records(loaded, engine, records, params)
+
+
+def compare_base_and_tuned(
+    run: str | Path,
+    instructions: Sequence[str | dict[str, str]],
+    *,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+) -> tuple[list[Answer], list[Answer]]:
+    """(base answers, tuned answers) to the same instructions, greedy, both in the run's template.
+
+    The base model is the one the run was trained from, prompted exactly as the tuned model is, so
+    any difference (in content, or in `end_marker_found`) comes from the training.
+    """
+    from inference.loading import read_run_info
+
+    info = read_run_info(run)
+    base_path = info.get("base_model_path") or ""
+    base_name = base_path if base_path and Path(base_path).exists() else info["base_model"]
+    tuned = answer_instructions(
+        run, instructions, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    base = answer_instructions(
+        base_name,
+        instructions,
+        max_new_tokens=max_new_tokens,
+        template=info["template"],
+        batch_size=batch_size,
+    )
+    return base, tuned

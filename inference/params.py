@@ -1,0 +1,43 @@
+"""Sampling settings of one generation request, checked once where requests come in. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request. `temperature == 0` is greedy decoding."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    stop: tuple[str, ...] = ()  # stop strings: generation ends before the first one
+    stop_token_ids: tuple[int, ...] = ()  # token ids that end the generation (EOS, end marker)
+    seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per earlier occurrence of a token
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature must be between 0 and 2, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be 0 (off) or positive, got {self.top_k}")
+        if any(not isinstance(s, str) for s in self.stop):
+            raise ValueError("stop sequences must be strings")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return (
+            bool(self.logit_bias) or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -1,0 +1,629 @@
+"""An OpenAI-compatible HTTP server over the batching engine (FastAPI + uvicorn).
+
+Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (both with
+`stream`, as server-sent events ending in `data: [DONE]`), `GET /health`, and a chat page at `/`.
+Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with 4xx for bad
+requests. Requests in flight share forward passes through the engine; a client that disconnects
+has its generation cancelled at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from inference.engine import GenerationEngine, GenerationEvent, GenerationResult
+from inference.generation import encode_prompt, render_conversation
+from inference.loading import LoadedModel
+from inference.params import SamplingParams
+
+WEB_PAGE = Path(__file__).parent / "web" / "index.html"
+MAX_STOP_SEQUENCES = 16
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+class APIError(Exception):
+    """An error to send in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type,
+            param,
+            code,
+        )
+
+    def response(self) -> JSONResponse:
+        return error_response(
+            self.status, self.message, type=self.type, param=self.param, code=self.code
+        )
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+# ---------------------------------------------------------------------------- request schemas
+
+
+class _Request(BaseModel):
+    # Clients send fields this server does not use (user, logprobs=None, ...); accept and ignore.
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=1)
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        return value
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("prompt must not be an empty list")
+        return value
+
+
+# ---------------------------------------------------------------------------- the app
+
+
+class BodySizeLimit:
+    """Reject request bodies over `limit` bytes with 413 before they reach the app.
+
+    A declared Content-Length is checked up front; a chunked body is read here up to the limit and
+    then replayed to the app, so an endless upload cannot fill the server's memory.
+    """
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.limit:
+                await self._reject(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        buffered: list[dict] = []
+        size = 0
+        while True:
+            message = await receive()
+            buffered.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._reject(scope, receive, send)
+                return
+            if not message.get("more_body"):
+                break
+
+        async def replay() -> dict:
+            return buffered.pop(0) if buffered else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, scope: dict, receive: Any, send: Any) -> None:
+        response = error_response(
+            413, f"request body is larger than {self.limit} bytes", code="request_too_large"
+        )
+        await response(scope, receive, send)
+
+
+class OpenAIServer:
+    """The state behind the routes: the loaded model, its engine and the serving settings."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        engine: GenerationEngine,
+        *,
+        model_name: str,
+        api_key: str | None = None,
+        default_max_tokens: int = 256,
+    ) -> None:
+        self.loaded = loaded
+        self.engine = engine
+        self.model_name = model_name
+        self.api_key = api_key or None
+        self.default_max_tokens = default_max_tokens
+        self.created = int(time.time())
+
+    # -- checks shared by the endpoints
+
+    def check_api_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+            raise APIError(
+                401,
+                "invalid or missing API key (send Authorization: Bearer KEY)",
+                code="invalid_api_key",
+            )
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(
+                404,
+                f"the model '{name}' does not exist; this server serves '{self.model_name}'",
+                param="model",
+                code="model_not_found",
+            )
+
+    def sampling_params(
+        self,
+        body: _Request,
+        prompt_tokens: int,
+        *,
+        max_tokens: int | None,
+        default_max_tokens: int,
+        templated: bool,
+    ) -> SamplingParams:
+        room = self.engine.context_length - prompt_tokens
+        if room < 1:
+            raise APIError(
+                400,
+                f"the prompt is {prompt_tokens} tokens; the context length is {self.engine.context_length}",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        if max_tokens is None:
+            max_tokens = min(default_max_tokens, room)
+        elif max_tokens > room:
+            raise APIError(
+                400,
+                f"max_tokens is {max_tokens} but the prompt is {prompt_tokens} tokens and the context "
+                f"length is {self.engine.context_length}: at most {room} tokens can be generated",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        logit_bias: dict[int, float] = {}
+        for key, bias in (body.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise APIError(
+                    400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
+                )
+            logit_bias[int(key)] = max(-100.0, min(100.0, float(bias)))
+        stop_ids = {self.loaded.tokenizer.eos_token_id}
+        stop = body.stop_list()
+        if templated:
+            stop_ids.update(self.loaded.stop_token_ids())
+            stop = stop + self.loaded.stop_strings()
+        return SamplingParams(
+            max_new_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k or 0,
+            stop=stop,
+            stop_token_ids=tuple(sorted(i for i in stop_ids if i is not None)),
+            seed=body.seed,
+            logit_bias=logit_bias,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+        )
+
+    # -- running requests on the engine
+
+    async def run(
+        self, request: Request, prompts: Sequence[list[int]], params: SamplingParams
+    ) -> AsyncIterator[tuple[int, GenerationEvent]]:
+        """Submit prompts and yield (prompt index, event) until each has its result.
+
+        Polls for a client disconnect while waiting, and cancels whatever is still generating when
+        the consumer stops early (disconnect, error, or a cancelled streaming response).
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[int, GenerationEvent]] = asyncio.Queue()
+        handles = []
+        try:
+            for index, prompt in enumerate(prompts):
+
+                def sink(event: GenerationEvent, index: int = index) -> None:
+                    loop.call_soon_threadsafe(events.put_nowait, (index, event))
+
+                handles.append(self.engine.submit(prompt, params, sink))
+            remaining = len(prompts)
+            next_check = loop.time() + DISCONNECT_POLL_SECONDS
+            while remaining:
+                # Check for a vanished client on a clock, not only when no token arrives: tokens
+                # of a busy batch can arrive faster than any poll timeout.
+                if loop.time() >= next_check:
+                    if await request.is_disconnected():
+                        return
+                    next_check = loop.time() + DISCONNECT_POLL_SECONDS
+                try:
+                    index, event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
+                except TimeoutError:
+                    continue
+                if event.result is not None:
+                    remaining -= 1
+                yield index, event
+        finally:
+            for handle in handles:
+                handle.cancel()
+
+    def encode_messages(self, messages: list[ChatMessage]) -> list[int]:
+        conversation = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in messages
+        ]
+        try:
+            prompt = render_conversation(self.loaded, conversation)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        return encode_prompt(self.loaded, prompt)
+
+    def encode_raw(self, prompt: str) -> list[int]:
+        ids = self.loaded.tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        return ids
+
+
+def _usage(results: Sequence[GenerationResult]) -> dict[str, int]:
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(r.completion_tokens for r in results)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _finish_reason(result: GenerationResult) -> str:
+    if result.finish_reason == "error":
+        raise APIError(500, f"generation failed: {result.error}", type="server_error")
+    return "length" if result.finish_reason == "length" else "stop"
+
+
+def _sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+def create_app(server: OpenAIServer, *, max_request_bytes: int = 1_000_000) -> FastAPI:
+    """The FastAPI app; the engine thread starts and stops with the app's lifespan."""
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.engine.start()
+        try:
+            yield
+        finally:
+            server.engine.shutdown()
+
+    app = FastAPI(title="Corral", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        location = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(location) or None
+        if first.get("type") == "json_invalid":
+            message = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(
+                ": "
+            )
+        else:
+            message = f"{param or 'body'}: {first.get('msg', 'invalid request')}"
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), code=None)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(
+            500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"
+        )
+
+    app.add_middleware(BodySizeLimit, limit=max_request_bytes)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": server.model_name,
+            "pending": server.engine.pending,
+            "context_length": server.engine.context_length,
+            "engine": asdict(server.engine.stats),
+        }
+
+    @app.get("/", include_in_schema=False)
+    async def web_page() -> FileResponse:
+        return FileResponse(WEB_PAGE, media_type="text/html")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        server.check_api_key(request)
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": server.model_name,
+                    "object": "model",
+                    "created": server.created,
+                    "owned_by": "corral",
+                }
+            ],
+        }
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        server.check_api_key(request)
+        server.check_model(body.model)
+        prompt = server.encode_messages(body.messages)
+        params = server.sampling_params(
+            body,
+            len(prompt),
+            max_tokens=body.max_completion_tokens or body.max_tokens,
+            default_max_tokens=server.default_max_tokens,
+            templated=True,
+        )
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return _stream_response(
+                server, request, [prompt], params, completion_id, created, "chat", include_usage
+            )
+        results = await _collect(server, request, [prompt], params)
+        if results is None:
+            return error_response(499, "client disconnected")
+        result = results[0]
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": server.model_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": _finish_reason(result),
+                    "logprobs": None,
+                }
+            ],
+            "usage": _usage(results),
+        }
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        server.check_api_key(request)
+        server.check_model(body.model)
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        prompts = [server.encode_raw(t) for t in texts]
+        # OpenAI's default for completions is 16 tokens; the context check applies per prompt.
+        params = [
+            server.sampling_params(
+                body, len(p), max_tokens=body.max_tokens, default_max_tokens=16, templated=False
+            )
+            for p in prompts
+        ]
+        params = min(params, key=lambda p: p.max_new_tokens)
+        completion_id = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return _stream_response(
+                server, request, prompts, params, completion_id, created, "text", include_usage
+            )
+        results = await _collect(server, request, prompts, params)
+        if results is None:
+            return error_response(499, "client disconnected")
+        return {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": server.model_name,
+            "choices": [
+                {"index": i, "text": r.text, "finish_reason": _finish_reason(r), "logprobs": None}
+                for i, r in enumerate(results)
+            ],
+            "usage": _usage(results),
+        }
+
+    return app
+
+
+async def _collect(
+    server: OpenAIServer, request: Request, prompts: Sequence[list[int]], params: SamplingParams
+) -> list[GenerationResult] | None:
+    results: dict[int, GenerationResult] = {}
+    async for index, event in server.run(request, prompts, params):
+        if event.result is not None:
+            results[index] = event.result
+    if len(results) < len(prompts):
+        return None  # the client went away
+    return [results[i] for i in range(len(prompts))]
+
+
+def _stream_response(
+    server: OpenAIServer,
+    request: Request,
+    prompts: Sequence[list[int]],
+    params: SamplingParams,
+    completion_id: str,
+    created: int,
+    kind: Literal["chat", "text"],
+    include_usage: bool,
+) -> StreamingResponse:
+    base = {"id": completion_id, "created": created, "model": server.model_name}
+    chunk_object = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+    def chunk(
+        index: int, text: str | None, finish_reason: str | None, first: bool = False
+    ) -> dict[str, Any]:
+        if kind == "chat":
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice = {
+                "index": index,
+                "delta": delta,
+                "finish_reason": finish_reason,
+                "logprobs": None,
+            }
+        else:
+            choice = {
+                "index": index,
+                "text": text or "",
+                "finish_reason": finish_reason,
+                "logprobs": None,
+            }
+        return {**base, "object": chunk_object, "choices": [choice]}
+
+    async def events() -> AsyncIterator[str]:
+        results: list[GenerationResult] = []
+        if kind == "chat":
+            for index in range(len(prompts)):
+                yield _sse(chunk(index, "", None, first=True))
+        async for index, event in server.run(request, prompts, params):
+            if event.result is None:
+                yield _sse(chunk(index, event.text, None))
+                continue
+            results.append(event.result)
+            if event.result.finish_reason == "error":
+                yield _sse(
+                    {
+                        "error": {
+                            "message": f"generation failed: {event.result.error}",
+                            "type": "server_error",
+                            "param": None,
+                            "code": None,
+                        }
+                    }
+                )
+                return
+            if event.result.finish_reason == "cancelled":
+                return
+            yield _sse(chunk(index, None if kind == "chat" else "", _finish_reason(event.result)))
+        if len(results) < len(prompts):
+            return
+        if include_usage:
+            yield _sse({**base, "object": chunk_object, "choices": [], "usage": _usage(results)})
+        yield _sse("[DONE]")
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def build_server(
+    loaded: LoadedModel,
+    *,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    max_batch_size: int = 16,
+    default_max_tokens: int = 256,
+    max_request_bytes: int = 1_000_000,
+) -> FastAPI:
+    """An app serving `loaded`; start it with uvicorn (the engine starts with the app)."""
+    engine = GenerationEngine(
+        loaded.model,
+        loaded.tokenizer,
+        max_batch_size=max_batch_size,
+        context_length=loaded.context_length,
+    )
+    server = OpenAIServer(
+        loaded,
+        engine,
+        model_name=model_name or loaded.name,
+        api_key=api_key,
+        default_max_tokens=default_max_tokens,
+    )
+    return create_app(server, max_request_bytes=max_request_bytes)

@@ -1,0 +1,112 @@
+"""`corral train` and `corral export`; `train.py` calls `main` here.
+
+Only argparse and light modules at the top: torch and transformers load when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from corral.config import ConfigError
+from corral.records import RecordError
+
+TRAIN_DESCRIPTION = (
+    "Fine-tune a model on Alpaca JSON/JSONL with LoRA, QLoRA or full weights. Runs the same "
+    "under `accelerate launch train.py --config FILE [key=value ...]` (DDP, FSDP, DeepSpeed from "
+    "the accelerate config). The resolved config is printed and saved in the run directory."
+)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML preset (configs/training/*.yaml)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="override any config key, e.g. output_dir=runs/x lr_scheduler=linear",
+    )
+
+
+def _train_epilog() -> str:
+    from corral.config import config_help
+    from training.config import TrainConfig
+
+    return "config keys (key=default: help):\n" + config_help(TrainConfig)
+
+
+def load_train_config(config_path: str | None, overrides: list[str]):
+    from corral.config import load_config
+    from training.config import TrainConfig
+
+    return load_config(TrainConfig, config_path, overrides)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train from parsed arguments; exit status 0, or 143 after a SIGTERM checkpoint."""
+    from training.loop import NonFiniteLossError, TrainingStopped, train
+
+    config = load_train_config(args.config, args.overrides)
+    try:
+        train(config)
+    except TrainingStopped as stopped:
+        print(f"corral: {stopped}", file=sys.stderr)
+        return 143
+    except NonFiniteLossError as exc:
+        print(f"corral: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from training.export import merge_run
+
+    out = merge_run(args.run, args.merge, dtype=args.dtype)
+    print(out)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser(
+        "train",
+        help="fine-tune a model on Alpaca data (LoRA, QLoRA, full)",
+        description=TRAIN_DESCRIPTION,
+        epilog=_train_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_train_arguments(train)
+    train.set_defaults(func=run_train)
+
+    export = subparsers.add_parser(
+        "export",
+        help="merge a run's adapter into its base and save a plain HF model",
+        description="Merge the LoRA/QLoRA adapter of run directory RUN into its base model (loaded "
+        "unquantized in 16/32-bit, also for QLoRA) and save a plain transformers model with the "
+        "run's tokenizer and run_info.json to OUT.",
+    )
+    export.add_argument("run", metavar="RUN", help="a training run directory")
+    export.add_argument("--merge", metavar="OUT", required=True, help="folder for the merged model")
+    export.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="weights dtype of the merged model (default float32)",
+    )
+    export.set_defaults(func=run_export)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry of the root train.py: same arguments and errors as `corral train`."""
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description=TRAIN_DESCRIPTION,
+        epilog=_train_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_train(args)
+    except (RecordError, ConfigError) as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return 2

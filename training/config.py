@@ -1,0 +1,148 @@
+"""The training config: one dataclass, whose field help texts are the `corral train --help` epilog.
+
+Presets in configs/training/*.yaml set any of these fields; `key=value` overrides win.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from corral.config import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as `corral_config.yaml` in the run directory."""
+
+    # ---- data
+    data: str = field(
+        default="",
+        metadata={"help": "Alpaca JSON/JSONL file, a `datasets` folder, or a `datasets` hub id"},
+    )
+    data_split: str = field(
+        default="train", metadata={"help": "split to read when `data` is a datasets id or folder"}
+    )
+    template: Literal["alpaca", "dolly", "chat"] = field(
+        default="alpaca", metadata={"help": "prompt format from corral.templates"}
+    )
+    max_length: int = field(
+        default=512, metadata={"help": "maximum tokens per example (prompt + answer + end marker)"}
+    )
+    truncation: Literal["drop", "truncate"] = field(
+        default="drop",
+        metadata={"help": "examples longer than max_length: drop them, or cut the answer's tail"},
+    )
+    train_on_inputs: bool = field(
+        default=False, metadata={"help": "also train on the prompt tokens (default: answer only)"}
+    )
+    val_size: float = field(
+        default=0.0,
+        metadata={"help": "validation split: a fraction (<1) or a number of records; 0 = none"},
+    )
+    group_by_length: bool = field(
+        default=True, metadata={"help": "batch examples of similar length to waste less padding"}
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "concatenate each micro-batch into one padding-free row; examples cannot "
+            "attend to each other (per-example position ids + block-diagonal attention)"
+        },
+    )
+    # ---- model
+    model: str = field(
+        default="embedded",
+        metadata={"help": "base model: embedded, tiny-random, a local folder or a hub id"},
+    )
+    method: Literal["lora", "qlora", "full"] = field(
+        default="lora",
+        metadata={"help": "lora, qlora (4-bit NF4 base + LoRA) or full (all weights)"},
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        metadata={"help": "module names to adapt, or [all-linear] (every linear but lm_head)"},
+    )
+    use_dora: bool = field(default=False, metadata={"help": "weight-decomposed LoRA (DoRA)"})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in backward to save memory"}
+    )
+    precision: Literal["auto", "bf16", "fp32"] = field(
+        default="auto", metadata={"help": "auto: bf16 on GPUs that support it, fp32 otherwise"}
+    )
+    # ---- optimisation
+    epochs: float = field(default=3.0, metadata={"help": "passes over the training data"})
+    max_steps: int = field(
+        default=0, metadata={"help": "stop after this many optimizer steps (0: use epochs)"}
+    )
+    micro_batch_size: int = field(default=4, metadata={"help": "examples per process per forward"})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "micro-batches per optimizer step (per process)"}
+    )
+    max_tokens_per_forward: int = field(
+        default=0,
+        metadata={
+            "help": "run a micro-batch as forward passes of at most this many (padded) tokens; "
+            "same gradient, bounded activation memory (0: one pass per micro-batch)"
+        },
+    )
+    learning_rate: float = field(default=3e-4, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    lr_scheduler: Literal["cosine", "linear", "constant"] = field(
+        default="cosine", metadata={"help": "schedule after warmup"}
+    )
+    warmup_ratio: float = field(
+        default=0.0, metadata={"help": "fraction of steps for linear warmup"}
+    )
+    warmup_steps: int = field(default=0, metadata={"help": "warmup steps (wins over warmup_ratio)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
+    optimizer: Literal["auto", "adamw", "paged_adamw_32bit", "paged_adamw_8bit"] = field(
+        default="auto",
+        metadata={
+            "help": "auto: paged AdamW (bitsandbytes) for qlora on GPU, torch AdamW otherwise"
+        },
+    )
+    seed: int = field(default=42, metadata={"help": "seed for shuffling, splits, init and dropout"})
+    # ---- run directory, logging, checkpoints
+    output_dir: str = field(default="runs/corral", metadata={"help": "the run directory"})
+    logging_steps: int = field(default=1, metadata={"help": "log metrics every N steps"})
+    eval_steps: int = field(
+        default=0, metadata={"help": "evaluate every N steps (0: at the end only)"}
+    )
+    save_steps: int = field(
+        default=0, metadata={"help": "checkpoint every N steps (0: at the end only)"}
+    )
+    save_total_limit: int = field(
+        default=2, metadata={"help": "keep only the newest N checkpoints (0: keep all)"}
+    )
+    resume: str = field(
+        default="",
+        metadata={"help": "auto (latest checkpoint in output_dir, if any) or a checkpoint folder"},
+    )
+    report_to: list[str] = field(
+        default_factory=lambda: ["tensorboard"],
+        metadata={"help": "trackers besides metrics.jsonl: tensorboard, wandb (when installed)"},
+    )
+    wandb_project: str = field(default="corral", metadata={"help": "W&B project name"})
+
+    def __post_init__(self) -> None:
+        positive = ("max_length", "micro_batch_size", "gradient_accumulation_steps", "lora_r")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"key '{name}': must be at least 1, got {getattr(self, name)}")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError("set epochs > 0 or max_steps > 0")
+        if self.val_size < 0:
+            raise ConfigError(f"key 'val_size': must be >= 0, got {self.val_size}")
+        if self.val_size >= 1 and not float(self.val_size).is_integer():
+            raise ConfigError("key 'val_size': a fraction below 1 or a whole number of records")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"key 'warmup_ratio': must be in [0, 1), got {self.warmup_ratio}")
+        unknown = set(self.report_to) - {"tensorboard", "wandb", "none"}
+        if unknown:
+            raise ConfigError(f"key 'report_to': unknown tracker(s) {sorted(unknown)}")
+        if self.method == "full" and self.use_dora:
+            raise ConfigError("key 'use_dora': DoRA needs method lora or qlora")

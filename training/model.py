@@ -1,0 +1,140 @@
+"""The model to train: a base from corral.models plus LoRA (peft), 4-bit QLoRA, or all weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from corral.models import load_model
+from training.config import TrainConfig
+
+
+def compute_dtype(config: TrainConfig) -> Any:
+    """bf16 on GPUs that support it (or when asked), fp32 otherwise (CPU: fp32 is faster there)."""
+    import torch
+
+    if config.precision == "fp32":
+        return torch.float32
+    bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if config.precision == "bf16":
+        if not bf16_ok and torch.cuda.is_available():
+            raise ValueError(
+                "precision=bf16 but this GPU does not support bf16; use precision=fp32"
+            )
+        return torch.bfloat16
+    return torch.bfloat16 if bf16_ok else torch.float32
+
+
+def lora_target_modules(config: TrainConfig) -> list[str] | str:
+    if [m.lower() for m in config.lora_target_modules] == ["all-linear"]:
+        return "all-linear"
+    return list(config.lora_target_modules)
+
+
+def build_model(config: TrainConfig, tokenizer: Any, *, local_process_index: int) -> Any:
+    """Load the base and make the trainable model for `config.method`."""
+    import torch
+
+    dtype = compute_dtype(config)
+    if config.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        # device_map "auto" would shard one model over every GPU (model parallelism) and leave the
+        # other processes idle; under a multi-process launch each rank loads onto its own device.
+        device = local_process_index if torch.cuda.is_available() else "cpu"
+        model = load_model(
+            config.model,
+            dtype=dtype,
+            quantization="nf4",
+            device_map={"": device},
+            tokenizer=tokenizer,
+        )
+        disable_cpu_inference_packing(model)
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    else:
+        # Full fine-tuning keeps fp32 master weights; mixed precision computes in bf16.
+        load_dtype = torch.float32 if config.method == "full" else dtype
+        model = load_model(config.model, dtype=load_dtype, tokenizer=tokenizer)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+    model.config.use_cache = False
+
+    if config.method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=lora_target_modules(config),
+            use_dora=config.use_dora,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+        if config.gradient_checkpointing and config.method == "lora":
+            # Frozen embeddings give inputs without grad; checkpointed blocks still need one.
+            model.enable_input_require_grads()
+    return model
+
+
+def disable_cpu_inference_packing(model: Any) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for CPU inference during evaluation.
+
+    On CPUs with AVX512-BF16, a Linear4bit called in eval mode without grad converts its weight,
+    for good, to a layout whose kernel has no backward: after the first evaluation no gradient
+    would flow through the frozen layers and the adapter would stop learning.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts (4-bit weights counted as stored elements x2)."""
+    trainable = total = 0
+    for parameter in model.parameters():
+        n = parameter.numel()
+        if parameter.__class__.__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored byte
+        total += n
+        if parameter.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def build_optimizer(config: TrainConfig, model: Any) -> Any:
+    """AdamW over trainable parameters; bitsandbytes' paged AdamW for QLoRA on a GPU."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    name = config.optimizer
+    if name == "auto":
+        name = (
+            "paged_adamw_32bit"
+            if config.method == "qlora" and torch.cuda.is_available()
+            else "adamw"
+        )
+    kwargs = {"lr": config.learning_rate, "weight_decay": config.weight_decay}
+    if name == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    if not torch.cuda.is_available():
+        raise ValueError(f"optimizer={name} pages memory between GPU and CPU: it needs a GPU")
+    import bitsandbytes as bnb
+
+    if name == "paged_adamw_32bit":
+        return bnb.optim.PagedAdamW32bit(params, **kwargs)
+    return bnb.optim.PagedAdamW8bit(params, **kwargs)
+
+
+def build_scheduler(config: TrainConfig, optimizer: Any, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    warmup = config.warmup_steps or int(round(config.warmup_ratio * total_steps))
+    name = "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
