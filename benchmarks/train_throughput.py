@@ -1,6 +1,6 @@
 """Training throughput and memory: Corral against TRL's SFTTrainer, measured in the same run.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 8] [--seed-tasks PATH]
+    .venv/bin/python benchmarks/train_throughput.py [--steps 16] [--seed-tasks PATH]
 
 Both trainers fine-tune the embedded model (SmolLM2-135M-Instruct) with LoRA r 8 / alpha 16 /
 dropout 0.05 on q_proj and v_proj, fp32 on the CPU, batch 8 examples per optimizer step, maximum
@@ -53,8 +53,12 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
 
 
-def build_data(seed_tasks: Path, workdir: Path) -> tuple[Path, Path]:
-    """Alpaca records (one per seed-task instance) that fit MAX_LENGTH, split train / held-out."""
+def build_data(seed_tasks: Path, workdir: Path, steps: int) -> tuple[Path, Path]:
+    """Alpaca records (one per seed-task instance) that fit MAX_LENGTH, split train / held-out.
+
+    The training file holds exactly `steps * BATCH` records, so in one epoch both trainers learn
+    from the same examples; only the order and grouping of batches differ between them.
+    """
     from corral.models import load_tokenizer
     from corral.records import read_seed_tasks, write_alpaca
     from corral.templates import get_template
@@ -72,7 +76,7 @@ def build_data(seed_tasks: Path, workdir: Path) -> tuple[Path, Path]:
     random.Random(SEED).shuffle(records)
     train_path, eval_path = workdir / "train.json", workdir / "eval.json"
     write_alpaca(eval_path, records[:EVAL_RECORDS])
-    write_alpaca(train_path, records[EVAL_RECORDS:])
+    write_alpaca(train_path, records[EVAL_RECORDS : EVAL_RECORDS + steps * BATCH])
     return train_path, eval_path
 
 
@@ -245,7 +249,7 @@ def child(role: str, workdir: Path, steps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps for each trainer")
+    parser.add_argument("--steps", type=int, default=16, help="optimizer steps for each trainer")
     parser.add_argument(
         "--seed-tasks", type=Path, default=DEFAULT_SEEDS, help="Self-Instruct seeds"
     )
@@ -261,7 +265,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
         workdir = Path(tmp)
-        build_data(args.seed_tasks, workdir)
+        build_data(args.seed_tasks, workdir, args.steps)
         # Both trainers run at the same time, each pinned to its own core with one thread, so
         # both see the same machine (other work on it included) for the whole measurement.
         cores = sorted(os.sched_getaffinity(0))

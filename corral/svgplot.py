@@ -158,7 +158,8 @@ def line_chart(
         f'<text x="12" y="{top + plot_h / 2}" class="label" transform="rotate(-90 12 {top + plot_h / 2})" '
         f'text-anchor="middle">{escape(y_label)}</text>',
     ]
-    for i, (name, values) in enumerate(series.items()):
+    drawn = {name: values for name, values in series.items() if values}
+    for i, (name, values) in enumerate(drawn.items()):
         color = PALETTE[i % len(PALETTE)]
         finite = [(x, y) for x, y in values if math.isfinite(y)]
         coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in finite)

@@ -71,3 +71,20 @@ def embedded_model(embedded_model_path, embedded_tokenizer):
     model = load_model("embedded", dtype=torch.float32, tokenizer=embedded_tokenizer)
     model.eval()
     return model
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Generate on one intra-op thread in the module that asks for it, restoring the setting afterwards.
+
+    Decoding runs many tiny parallel regions; when other processes share the two cores, OpenMP's
+    spinning worker threads starve each other (measured: ~1 token/s on two threads against ~12 on
+    one). Processes started through `corral` avoid it with OMP_WAIT_POLICY=PASSIVE; this test
+    process has already loaded torch, so it takes the other remedy.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

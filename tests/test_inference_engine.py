@@ -12,24 +12,7 @@ import torch
 from inference.engine import GenerationEngine, sample_next_tokens
 from inference.params import SamplingParams
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Generate on one intra-op thread in this module, restoring the setting afterwards.
-
-    Decoding runs many tiny parallel regions; when other processes share the two cores, OpenMP's
-    spinning worker threads starve each other (measured: ~1 token/s on two threads against ~12 on
-    one). Processes started through `corral` avoid it with OMP_WAIT_POLICY=PASSIVE; this test
-    process has already loaded torch, so it takes the other remedy.
-    """
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 QUESTIONS = [
