@@ -17,6 +17,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,6 +28,8 @@ TINY_RANDOM_NAME = "tiny-random"
 EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _COMPLETE_MARKER = ".corral-complete"
+# `name` or `org/name`: what a hub id looks like; anything else that does not exist is a bad path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 def corral_home() -> Path:
@@ -153,7 +156,7 @@ def resolve_model(name: str) -> str:
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise ModelNotFoundError(f"{path}: not a model folder (no config.json)")
         return str(path)
-    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+    if not _HUB_ID.fullmatch(name):
         raise ModelNotFoundError(f"{name}: no such model folder")
     return name  # a hub id such as meta-llama/Llama-2-7b-hf; transformers fetches it where it can
 
