@@ -237,13 +237,7 @@ class _Generator:
             demos = human + machine
             rng.shuffle(demos)
             batch.append(prompts.bootstrap_prompt(demos))
-        params = SamplingParams(
-            temperature=c.temperature,
-            top_p=c.top_p,
-            max_tokens=c.max_tokens,
-            stop=tuple(prompts.bootstrap_stop_sequences(c.max_bootstrap_tasks)),
-            presence_penalty=c.presence_penalty,
-        )
+        params = self._sampling(prompts.bootstrap_stop_sequences(c.max_bootstrap_tasks))
         candidates: list[tuple[str, dict[str, Any]]] = []
         in_round = RougeNoveltyIndex(c.rouge_threshold)
         for completion in self._completions(batch, params):
