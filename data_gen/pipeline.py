@@ -14,7 +14,7 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,6 +192,19 @@ class _Generator:
                 out.append(r)
         return out
 
+    def _parsed_candidates(
+        self, prompts_: list[str], params: SamplingParams, parse: Callable[[str, str], Any]
+    ) -> Iterator[dict[str, Any]]:
+        """Each item the teacher's completions parse into, counting parse drops and candidates."""
+        for completion in self._completions(prompts_, params):
+            if completion is None:
+                continue
+            parsed = parse(completion.text, completion.finish_reason)
+            self.drops.update(parsed.drops)
+            for item in parsed.items:
+                self.candidates += 1
+                yield item
+
     # ------------------------------------------------------------ Stanford Alpaca
 
     def alpaca_round(self, rng: random.Random, size: int) -> list[dict[str, Any]]:
@@ -203,23 +216,17 @@ class _Generator:
         ]
         params = self._sampling(prompts.alpaca_stop_sequences(c.tasks_per_request))
         accepted = []
-        for completion in self._completions(batch, params):
-            if completion is None:
+        for item in self._parsed_candidates(batch, params, parsers.parse_alpaca_tasks):
+            info = self._accept_instruction(item["instruction"], add=True)
+            if info is None:
                 continue
-            parsed = parsers.parse_alpaca_tasks(completion.text, completion.finish_reason)
-            self.drops.update(parsed.drops)
-            for item in parsed.items:
-                self.candidates += 1
-                info = self._accept_instruction(item["instruction"], add=True)
-                if info is None:
-                    continue
-                accepted.append(
-                    {
-                        "instruction": item["instruction"],
-                        "instances": [{"input": item["input"], "output": item["output"]}],
-                        **info,
-                    }
-                )
+            accepted.append(
+                {
+                    "instruction": item["instruction"],
+                    "instances": [{"input": item["input"], "output": item["output"]}],
+                    **info,
+                }
+            )
         return accepted
 
     # ------------------------------------------------------------ Self-Instruct
@@ -240,20 +247,14 @@ class _Generator:
         params = self._sampling(prompts.bootstrap_stop_sequences(c.max_bootstrap_tasks))
         candidates: list[tuple[str, dict[str, Any]]] = []
         in_round = RougeNoveltyIndex(c.rouge_threshold)
-        for completion in self._completions(batch, params):
-            if completion is None:
+        for item in self._parsed_candidates(batch, params, parsers.parse_bootstrap_instructions):
+            info = self._accept_instruction(item["instruction"], add=False)
+            if info is None:
                 continue
-            parsed = parsers.parse_bootstrap_instructions(completion.text, completion.finish_reason)
-            self.drops.update(parsed.drops)
-            for item in parsed.items:
-                self.candidates += 1
-                info = self._accept_instruction(item["instruction"], add=False)
-                if info is None:
-                    continue
-                if not in_round.add_if_novel(item["instruction"]).novel:
-                    self.drops[filters.NOT_NOVEL] += 1
-                    continue
-                candidates.append((item["instruction"], info))
+            if not in_round.add_if_novel(item["instruction"]).novel:
+                self.drops[filters.NOT_NOVEL] += 1
+                continue
+            candidates.append((item["instruction"], info))
         if not candidates:
             return []
 
