@@ -18,16 +18,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from corral.errors import ConfigError
 from corral.fileio import atomic_write_text
 
 ConfigT = TypeVar("ConfigT")
 
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the source and the key."""
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -65,17 +65,14 @@ def train_step(out: Path, data: Path, epochs: float, fresh: bool) -> Path:
 
 
 def compare_step(run_dir: Path, max_new_tokens: int) -> dict[str, list]:
-    from inference.generation import answer_instructions
+    from inference.generation import compare_base_and_tuned
 
-    answers = {
-        "base": answer_instructions(
-            "embedded",
-            HELD_OUT_INSTRUCTIONS,
-            template=DEMO_TEMPLATE,
-            max_new_tokens=max_new_tokens,
-        ),
-        "tuned": answer_instructions(run_dir, HELD_OUT_INSTRUCTIONS, max_new_tokens=max_new_tokens),
-    }
+    # The base is prompted exactly as the tuned model (the run's template): any difference,
+    # `### End` included, comes from the training.
+    base, tuned = compare_base_and_tuned(
+        run_dir, HELD_OUT_INSTRUCTIONS, max_new_tokens=max_new_tokens
+    )
+    answers = {"base": base, "tuned": tuned}
     for index, instruction in enumerate(HELD_OUT_INSTRUCTIONS):
         print(f"\n### {instruction}")
         for role in ("base", "tuned"):
@@ -93,7 +90,7 @@ def compare_step(run_dir: Path, max_new_tokens: int) -> dict[str, list]:
 
 def run_demo(args: argparse.Namespace) -> int:
     from corral.models import resolve_model
-    from corral.report import write_report
+    from evaluation.report import write_report
 
     started = time.monotonic()
     out = Path(args.output_dir)

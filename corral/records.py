@@ -1,6 +1,6 @@
 """Alpaca records and Self-Instruct seed tasks: read, validate, write.
 
-Formats (ARCHITECTURE.md):
+Formats (the README's "Formats"):
 - Alpaca: a JSON list of {"instruction", "input", "output"} objects, or the same objects one per
   line (JSONL). Extra keys are kept through a read/write round trip and never required.
 - Self-Instruct seeds: JSONL of {id, name, instruction, instances: [{input, output}], is_classification}.
@@ -18,36 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.errors import RecordError
 from corral.fileio import atomic_open
 
 ALPACA_FIELDS = ("instruction", "input", "output")
-
-
-class RecordError(ValueError):
-    """A data file is malformed; the message says where (file, record, field) and what."""
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        message: str,
-        *,
-        line: int | None = None,
-        index: int | None = None,
-        field: str | None = None,
-    ) -> None:
-        self.path = str(path)
-        self.line = line
-        self.index = index
-        self.field = field
-        self.reason = message
-        where = [self.path]
-        if line is not None:
-            where.append(f"line {line}")
-        if index is not None:
-            where.append(f"record {index}")
-        if field is not None:
-            where.append(f"field '{field}'")
-        super().__init__(f"{': '.join(where)}: {message}")
 
 
 @dataclass
@@ -233,15 +207,3 @@ def read_seed_tasks(path: str | os.PathLike) -> list[SeedTask]:
     if not seeds:
         raise RecordError(path, "no seed tasks: the file holds an empty list")
     return seeds
-
-
-def seed_task_to_json(seed: SeedTask) -> dict[str, Any]:
-    """A seed task in the Self-Instruct JSONL shape (extra keys kept)."""
-    return {
-        "id": seed.id,
-        "name": seed.name,
-        "instruction": seed.instruction,
-        "instances": seed.instances,
-        "is_classification": seed.is_classification,
-        **seed.extra,
-    }

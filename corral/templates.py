@@ -166,6 +166,16 @@ def chat_template(tokenizer: Any, system_prompt: str | None = None) -> PromptTem
     )
 
 
+def encode_prompt(tokenizer: Any, template: PromptTemplate, text: str) -> list[int]:
+    """Token ids of a rendered prompt: the one encoding training and inference both use.
+
+    A chat template renders its own special tokens (BOS included where it has one), so the
+    tokenizer adds none; instruction templates get the tokenizer's usual special tokens (BOS).
+    """
+    add_special = template.name != "chat"
+    return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+
 def get_template(
     name: str, tokenizer: Any = None, *, eos_token: str | None = None
 ) -> PromptTemplate:

@@ -84,8 +84,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from corral.cli import UsageError
     from corral.config import load_config
+    from corral.errors import UsageError
     from data_gen.config import GenerateConfig
     from data_gen.journal import FingerprintMismatch
     from data_gen.pipeline import GenerationError, format_summary, generate_dataset
@@ -119,9 +119,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_dedup(args: argparse.Namespace) -> int:
-    from corral.cli import UsageError
+    from corral.errors import UsageError
     from corral.records import read_alpaca, write_alpaca
-    from data_gen.rouge import RougeNoveltyIndex
+    from corral.rouge import RougeNoveltyIndex
 
     if not 0.0 <= args.threshold <= 1.0:
         raise UsageError(f"--threshold must be within [0, 1], got {args.threshold}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corral.records import RecordError
+from corral.errors import RecordError
 
 JOURNAL_VERSION = 1
 

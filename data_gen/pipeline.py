@@ -10,6 +10,7 @@ reached, the Alpaca JSON and a manifest are written atomically beside the journa
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import sys
 import time
@@ -20,15 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from corral.config import config_to_dict
+from corral.fileio import atomic_write_text
 from corral.records import SeedTask, read_seed_tasks, write_alpaca
+from corral.rouge import RougeNoveltyIndex
 from data_gen import filters, parsers, prompts
 from data_gen.config import GenerateConfig
 from data_gen.filters import InstructionRules, filter_instances
 from data_gen.journal import Journal
-from data_gen.rouge import RougeNoveltyIndex
-from data_gen.teachers import Completion, FailedRequest, SamplingParams, TeacherStats
-
-MANIFEST_VERSION = 1
+from data_gen.manifest import build_manifest, run_paths
+from data_gen.teachers import Completion, FailedRequest, SamplingParams
 
 
 class GenerationError(RuntimeError):
@@ -47,13 +48,6 @@ class GenerationResult:
     duration_s: float
     resumed: bool
     manifest: dict[str, Any] = field(default_factory=dict)
-
-
-def run_paths(output: str | Path) -> tuple[Path, Path, Path]:
-    """(alpaca json, journal, manifest) for an output path: `x.json`, `x.journal.jsonl`, `x.manifest.json`."""
-    output = Path(output)
-    stem = output.with_suffix("") if output.suffix else output
-    return output, Path(f"{stem}.journal.jsonl"), Path(f"{stem}.manifest.json")
 
 
 def load_seeds(config: GenerateConfig) -> tuple[list[SeedTask], dict[str, Any]]:
@@ -149,10 +143,13 @@ class _Generator:
         random.Random(0).shuffle(picked)
         self.classification_fewshot = picked[: config.classification_examples]
 
-    def restore(self, tasks: list[dict[str, Any]]) -> None:
+    def restore(self, tasks: list[dict[str, Any]], drops: dict[str, int], candidates: int) -> None:
+        """Continue a journaled run: its kept tasks join the pool, its counters carry on."""
         for task in tasks:
             self.index.add(task["instruction"])
             self.machine_instructions.append(task["instruction"])
+        self.drops = Counter(drops)
+        self.candidates = candidates
 
     # ------------------------------------------------------------ shared steps
 
@@ -343,7 +340,7 @@ def generate_dataset(
     tasks = state.tasks
     previous = state.last_commit
     elapsed_before = float(previous.get("elapsed_s", 0.0))
-    drops: Counter = Counter(previous.get("drops", {}))
+    drops: dict[str, int] = dict(previous.get("drops", {}))
     if state.resumed:
         log(f"resuming {journal_path}: {len(tasks)} of {target} instructions already kept")
 
@@ -357,16 +354,13 @@ def generate_dataset(
     try:
         if work_to_do:
             # The teacher's counters become this run's totals, carried over from earlier sessions.
-            teacher.stats = TeacherStats()
-            teacher.stats.restore(teacher_stats)
+            teacher.reset_stats(teacher_stats)
             gen = _Generator(config, seeds, teacher)
-            gen.restore(tasks)
-            gen.drops = drops
-            gen.candidates = candidates
+            gen.restore(tasks, drops, candidates)
             tasks = _run_rounds(
                 config, gen, journal, tasks, state.rounds, started, elapsed_before, progress
             )
-            drops, candidates = gen.drops, gen.candidates
+            drops, candidates = dict(gen.drops), gen.candidates
             teacher_stats = teacher.stats.to_dict()
             teacher_info = teacher.describe()
     finally:
@@ -378,37 +372,21 @@ def generate_dataset(
     records = records_from_tasks(tasks)
     write_alpaca(output_path, records)
     duration = elapsed_before + (time.monotonic() - started if work_to_do else 0.0)
-    manifest = {
-        "version": MANIFEST_VERSION,
-        "mode": config.mode,
-        "output": str(output_path),
-        "journal": str(journal_path),
-        "seed_tasks": seeds_info,
-        "teacher": teacher_info,
-        "counts": {
-            "instructions": len(tasks),
-            "records": len(records),
-            "candidates": candidates,
-            "dropped": dict(sorted(drops.items())),
-            "classification_instructions": sum(1 for t in tasks if t.get("is_classification")),
-        },
-        "requests": teacher_stats.get("requests", 0),
-        "retries": teacher_stats.get("retries", 0),
-        "failed_requests": teacher_stats.get("failed_requests", 0),
-        "request_errors": teacher_stats.get("errors", {}),
-        "tokens": {
-            "prompt": teacher_stats.get("prompt_tokens", 0),
-            "completion": teacher_stats.get("completion_tokens", 0),
-        },
-        "cost_usd": round(float(teacher_stats.get("cost_usd", 0.0)), 6),
-        "duration_s": round(duration, 2),
-        "resumed": state.resumed,
-        "config": config_to_dict(config),
-    }
-    import json
-
-    from corral.fileio import atomic_write_text
-
+    manifest = build_manifest(
+        mode=config.mode,
+        output=output_path,
+        journal=journal_path,
+        seed_tasks=seeds_info,
+        teacher=teacher_info,
+        tasks=tasks,
+        records=len(records),
+        candidates=candidates,
+        drops=drops,
+        teacher_stats=teacher_stats,
+        duration_s=duration,
+        resumed=state.resumed,
+        config=config_to_dict(config),
+    )
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return GenerationResult(
         output_path=output_path,
@@ -416,7 +394,7 @@ def generate_dataset(
         journal_path=journal_path,
         instructions=len(tasks),
         records=len(records),
-        drops=dict(drops),
+        drops=drops,
         teacher=teacher_info,
         duration_s=duration,
         resumed=state.resumed,

@@ -21,8 +21,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-LOCAL_BASE_URL_PREFIXES = ("http://127.", "http://localhost", "http://0.0.0.0", "http://[::1]")
-
 
 class TeacherError(RuntimeError):
     """The teacher cannot be used at all (bad key, unknown model, endpoint down): stop the run."""
@@ -67,10 +65,20 @@ class TeacherStats:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def restore(self, saved: dict[str, Any]) -> None:
-        for key, value in saved.items():
-            if hasattr(self, key):
-                setattr(self, key, dict(value) if isinstance(value, dict) else value)
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> TeacherStats:
+        known = {k: v for k, v in saved.items() if k in cls.__dataclass_fields__}
+        return cls(**{k: dict(v) if isinstance(v, dict) else v for k, v in known.items()})
+
+
+class _CountsUsage:
+    """Running totals of a teacher's requests, tokens and cost."""
+
+    stats: TeacherStats
+
+    def reset_stats(self, saved: dict[str, Any] | None = None) -> None:
+        """Start counting from `saved` (a resumed run's totals so far), or from zero."""
+        self.stats = TeacherStats.from_dict(saved or {})
 
 
 def backoff_delay(
@@ -120,7 +128,7 @@ def parse_retry_after(headers: Any) -> float | None:
         return max(0.0, email.utils.mktime_tz(parsed) - time.time())
 
 
-class OpenAICompatibleTeacher:
+class OpenAICompatibleTeacher(_CountsUsage):
     """Any OpenAI-compatible endpoint, chat or completions API, `concurrency` requests at once."""
 
     def __init__(
@@ -161,7 +169,7 @@ class OpenAICompatibleTeacher:
         self.backoff_cap = backoff_cap
         self.price_per_1k_prompt_tokens = price_per_1k_prompt_tokens
         self.price_per_1k_completion_tokens = price_per_1k_completion_tokens
-        self.stats = TeacherStats()
+        self.reset_stats()
         self._api_key = api_key
         self._rng = random.Random()
         # One event loop for the teacher's lifetime, so the client's connection pool is reused
@@ -330,7 +338,7 @@ def _short(exc: Exception) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-class LocalTeacher:
+class LocalTeacher(_CountsUsage):
     """A transformers causal LM on this machine; prompts are generated `batch_size` at a time."""
 
     def __init__(
@@ -361,7 +369,7 @@ class LocalTeacher:
         self.batch_size = max(1, batch_size)
         self.repetition_penalty = repetition_penalty
         self.seed = seed
-        self.stats = TeacherStats()
+        self.reset_stats()
 
     def describe(self) -> dict[str, Any]:
         return {

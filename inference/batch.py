@@ -1,8 +1,8 @@
 """`corral infer`: fill in the `output` of every Alpaca record in a file, resumably.
 
-Answers are appended to `OUTPUT.partial.jsonl` batch by batch (each line `{"index", "output"}`,
-after a header line that ties the file to its input and model), so an interrupted run picks up
-where it stopped. When every record is answered, OUTPUT is written atomically and the partial file
+Answers are appended to `OUTPUT.partial.jsonl` as each one finishes (each line `{"index",
+"output"}`, after a header line that ties the file to its input and model), so an interrupted run
+picks up where it stopped. When every record is answered, OUTPUT is written atomically and the partial file
 is removed; OUTPUT therefore only ever holds a complete result.
 """
 
@@ -16,14 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from corral.cli import UsageError
+from corral.errors import UsageError
 from corral.records import read_alpaca, write_alpaca
-from inference.engine import GenerationEngine
-from inference.generation import answer_records
+from inference.engine import GenerationEngine, GenerationEvent, GenerationResult
+from inference.generation import answer_from_result, record_prompt
 from inference.loading import LoadedModel
 from inference.params import SamplingParams
 
 PARTIAL_SUFFIX = ".partial.jsonl"
+SYNC_SECONDS = 1.0
 
 
 @dataclass
@@ -35,6 +36,7 @@ class BatchSummary:
     stopped_for_length: int
     generated_tokens: int
     seconds: float
+    decode_steps: int  # forward passes that advanced every running answer by one token
 
 
 def partial_path(output: Path) -> Path:
@@ -91,7 +93,12 @@ def run_batch_inference(
     batch_size: int = 8,
     progress: bool = True,
 ) -> BatchSummary:
-    """Answer every record of `input_path` and write them, `output` filled, to `output_path`."""
+    """Answer every record of `input_path` and write them, `output` filled, to `output_path`.
+
+    Every prompt goes to the engine at once; it keeps `batch_size` of them generating and admits
+    the next as soon as one finishes (continuous batching), so a short answer never waits for the
+    longest answer of a fixed chunk. Each answer is appended to the partial file as it finishes.
+    """
     from tqdm import tqdm
 
     started = time.monotonic()
@@ -113,7 +120,7 @@ def run_batch_inference(
     partial = partial_path(output_path)
     done = _read_partial(partial, header, len(records))
     resumed = len(done)
-    # Shortest prompts first within each batch keeps left padding small.
+    # Shortest prompts first: requests admitted together have similar lengths, little padding.
     todo = sorted(
         (i for i in range(len(records)) if i not in done),
         key=lambda i: len(records[i]["instruction"]) + len(records[i].get("input") or ""),
@@ -131,6 +138,7 @@ def run_batch_inference(
     with open(partial, "w" if fresh else "a", encoding="utf-8") as sink:
         if fresh:
             sink.write(json.dumps(header) + "\n")
+            _sync(sink)
         bar = tqdm(
             total=len(records),
             initial=resumed,
@@ -138,21 +146,38 @@ def run_batch_inference(
             desc="answering",
             disable=not progress,
         )
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            answers = answer_records(loaded, engine, [records[i] for i in chunk], params)
-            for index, answer in zip(chunk, answers, strict=True):
-                done[index] = answer.text
-                end_found += answer.end_marker_found
-                length_stops += answer.finish_reason == "length"
-                tokens += answer.completion_tokens
-                sink.write(
-                    json.dumps({"index": index, "output": answer.text}, ensure_ascii=False) + "\n"
-                )
-            sink.flush()
-            os.fsync(sink.fileno())
-            bar.update(len(chunk))
-        bar.close()
+        last_sync = time.monotonic()
+        # The engine reports finished requests through callbacks; they are written here, between
+        # steps, so a failing write stops the run instead of vanishing inside a callback.
+        finished: list[tuple[int, GenerationResult]] = []
+        for index in todo:
+
+            def on_event(event: GenerationEvent, index: int = index) -> None:
+                if event.result is not None:
+                    finished.append((index, event.result))
+
+            engine.submit(record_prompt(loaded, records[index]), params, on_event)
+        try:
+            more = bool(todo)
+            while more:
+                more = engine.step()
+                for index, result in finished:
+                    answer = answer_from_result(loaded, records[index], result)
+                    done[index] = answer.text
+                    end_found += answer.end_marker_found
+                    length_stops += answer.finish_reason == "length"
+                    tokens += answer.completion_tokens
+                    line = {"index": index, "output": answer.text}
+                    sink.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    bar.update(1)
+                finished.clear()
+                sink.flush()
+                if time.monotonic() - last_sync >= SYNC_SECONDS:
+                    _sync(sink)  # a crash regenerates at most the last second's answers
+                    last_sync = time.monotonic()
+        finally:
+            _sync(sink)
+            bar.close()
 
     write_alpaca(output_path, [{**record, "output": done[i]} for i, record in enumerate(records)])
     partial.unlink(missing_ok=True)
@@ -164,4 +189,10 @@ def run_batch_inference(
         stopped_for_length=length_stops,
         generated_tokens=tokens,
         seconds=time.monotonic() - started,
+        decode_steps=engine.stats.decode_steps,
     )
+
+
+def _sync(handle: Any) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())

@@ -97,7 +97,7 @@ def _load(args: argparse.Namespace):
 
 
 def _params(args: argparse.Namespace, loaded):
-    from corral.cli import UsageError
+    from corral.errors import UsageError
     from inference.generation import templated_params
 
     try:
@@ -116,7 +116,7 @@ def _params(args: argparse.Namespace, loaded):
 
 def _check_sampling(args: argparse.Namespace) -> None:
     """Reject bad sampling flags before spending seconds on loading the model."""
-    from corral.cli import UsageError
+    from corral.errors import UsageError
     from inference.params import SamplingParams
 
     try:
@@ -132,7 +132,7 @@ def _check_sampling(args: argparse.Namespace) -> None:
 
 def run_infer(args: argparse.Namespace) -> int:
     _prefer_passive_threads()
-    from corral.cli import UsageError
+    from corral.errors import UsageError
     from corral.records import read_alpaca
 
     _check_sampling(args)
@@ -168,8 +168,8 @@ def run_serve(args: argparse.Namespace) -> int:
     _prefer_passive_threads()
     import uvicorn
 
-    from corral.cli import UsageError
     from corral.config import load_config
+    from corral.errors import UsageError
     from inference.loading import load_for_inference
     from inference.serve_config import ServeConfig
     from inference.server import build_server

@@ -120,7 +120,7 @@ class GenerationEngine:
         self.max_prefill_tokens = max_prefill_tokens
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
-        self.context_length = context_length or _context_length(model, tokenizer)
+        self.context_length = context_length or context_length_of(model, tokenizer)
         self.device = next(model.parameters()).device
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         if any(DynamicCache(config=model.config).is_sliding):
@@ -574,7 +574,8 @@ def _adjust_logits(
     return logits
 
 
-def _context_length(model: Any, tokenizer: Any) -> int:
+def context_length_of(model: Any, tokenizer: Any) -> int:
+    """Tokens a request may span: the model's positions, or the tokenizer's limit if smaller."""
     length = getattr(model.config, "max_position_embeddings", None) or 2048
     tokenizer_limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < length:

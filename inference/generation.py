@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corral import templates
+from corral.rundir import read_run_info
 from inference.engine import GenerationEngine, GenerationResult
 from inference.extraction import ExtractedResponse, extract_response
 from inference.loading import LoadedModel, load_for_inference
 from inference.params import SamplingParams
-
-ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -40,13 +40,8 @@ def templated_params(loaded: LoadedModel, **sampling: Any) -> SamplingParams:
 
 
 def encode_prompt(loaded: LoadedModel, text: str) -> list[int]:
-    """Token ids of a rendered prompt, encoded the way training encodes prompts.
-
-    A chat template renders its own special tokens (BOS included where it has one), so the
-    tokenizer adds none; instruction templates get the tokenizer's usual special tokens.
-    """
-    add_special = loaded.template.name != "chat"
-    return list(loaded.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+    """Token ids of a rendered prompt, encoded the way training encodes prompts."""
+    return templates.encode_prompt(loaded.tokenizer, loaded.template, text)
 
 
 def render_conversation(loaded: LoadedModel, messages: Sequence[dict[str, str]]) -> str:
@@ -91,15 +86,21 @@ def answer_records(
     params: SamplingParams,
 ) -> list[Answer]:
     """Answer Alpaca records (instruction, input) in one batched run of the engine."""
-    prompts = [
-        encode_prompt(loaded, loaded.template.format_prompt(r["instruction"], r.get("input") or ""))
-        for r in records
-    ]
+    prompts = [record_prompt(loaded, r) for r in records]
     results = engine.generate(prompts, params)
-    return [_answer(loaded, r, result) for r, result in zip(records, results, strict=True)]
+    return [answer_from_result(loaded, r, res) for r, res in zip(records, results, strict=True)]
 
 
-def _answer(loaded: LoadedModel, record: dict[str, Any], result: GenerationResult) -> Answer:
+def record_prompt(loaded: LoadedModel, record: dict[str, Any]) -> list[int]:
+    """Token ids of an Alpaca record's prompt in the model's template."""
+    prompt = loaded.template.format_prompt(record["instruction"], record.get("input") or "")
+    return encode_prompt(loaded, prompt)
+
+
+def answer_from_result(
+    loaded: LoadedModel, record: dict[str, Any], result: GenerationResult
+) -> Answer:
+    """The answer to `record` cut out of a finished generation (Dolly-style extraction)."""
     extracted: ExtractedResponse = extract_response(
         result.token_ids, loaded.decode_keeping_special, loaded.markers
     )
@@ -132,18 +133,15 @@ def answer_instructions(
 ) -> list[Answer]:
     """Answer instructions with a base model name/folder or a training run directory.
 
-    `model_or_run` is a run directory when it holds `run_info.json`. Greedy by default, so a base
+    `model_or_run` is a model name or folder, a run directory or a merged export (the last two
+    use the template they recorded). Greedy by default, so a base
     and a tuned model can be compared answer by answer; `Answer.end_marker_found` tells whether the
     model ended its answer the way the template asks (format adherence). Pass `loaded` to reuse a
     model already in memory.
     """
     if loaded is None:
-        is_run = (Path(model_or_run) / "run_info.json").is_file()
-        loaded = load_for_inference(
-            None if is_run else str(model_or_run),
-            run=model_or_run if is_run else None,
-            template=template,  # a run refuses a template other than its own
-        )
+        # A folder that records its template refuses another one.
+        loaded = load_for_inference(str(model_or_run), template=template)
     records = [
         {"instruction": i, "input": ""} if isinstance(i, str) else {"input": "", **i}
         for i in instructions
@@ -172,19 +170,15 @@ def compare_base_and_tuned(
     The base model is the one the run was trained from, prompted exactly as the tuned model is, so
     any difference (in content, or in `end_marker_found`) comes from the training.
     """
-    from inference.loading import read_run_info
-
     info = read_run_info(run)
-    base_path = info.get("base_model_path") or ""
-    base_name = base_path if base_path and Path(base_path).exists() else info["base_model"]
     tuned = answer_instructions(
         run, instructions, max_new_tokens=max_new_tokens, batch_size=batch_size
     )
     base = answer_instructions(
-        base_name,
+        info.base_model_location(),
         instructions,
         max_new_tokens=max_new_tokens,
-        template=info["template"],
+        template=info.template,
         batch_size=batch_size,
     )
     return base, tuned

@@ -1,25 +1,21 @@
 """Load what inference runs on: a base model, a base + adapter run directory, or a merged model.
 
-A run directory (written by training) holds `run_info.json` naming the base model and the prompt
-template the run was trained with; inference uses exactly that template, because a model served
+A folder Corral made (a run directory, or a merged export; `corral.rundir`) records the prompt
+template the model was trained with; inference uses exactly that template, because a model served
 with a different template than it learned answers badly (the classic train/serve template drift).
 Devices: fp32 on CPU, bf16 on a GPU that supports it, optionally 4-bit NF4 (bitsandbytes).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from corral.cli import UsageError
-from corral.config import ConfigError
-from corral.templates import TEMPLATE_NAMES, PromptTemplate, get_template
+from corral.errors import UsageError
+from corral.rundir import RunInfo, has_run_info, read_run_info
+from corral.templates import PromptTemplate, get_template
 from inference.extraction import ResponseMarkers
-
-RUN_INFO_FILE = "run_info.json"
-RUN_INFO_REQUIRED = ("base_model", "method", "template")
 
 
 @dataclass
@@ -32,7 +28,7 @@ class LoadedModel:
     name: str  # what clients call it (the model name or the run directory's name)
     source: str  # "model" | "run"
     context_length: int
-    run_info: dict[str, Any] = field(default_factory=dict)
+    run_info: RunInfo | None = None  # for folders Corral made: runs and merged exports
 
     @property
     def markers(self) -> ResponseMarkers:
@@ -65,36 +61,6 @@ def single_token_id(tokenizer: Any, text: str) -> int | None:
     return ids[0] if len(ids) == 1 else None
 
 
-def read_run_info(run_dir: str | Path) -> dict[str, Any]:
-    """The run directory's `run_info.json`, checked for the fields inference needs."""
-    path = Path(run_dir) / RUN_INFO_FILE
-    if not Path(run_dir).is_dir():
-        raise UsageError(f"{run_dir}: no such run directory")
-    if not path.is_file():
-        raise ConfigError(
-            f"{path}: missing; a training run directory records its base model and template there"
-        )
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: invalid JSON: {exc.msg} at line {exc.lineno}") from None
-    if not isinstance(info, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    for key in RUN_INFO_REQUIRED:
-        if not isinstance(info.get(key), str) or not info[key]:
-            raise ConfigError(f"{path}: field '{key}' is missing or not a string")
-    if info["template"] not in TEMPLATE_NAMES:
-        raise ConfigError(
-            f"{path}: field 'template': unknown template {info['template']!r} "
-            f"(expected one of {', '.join(TEMPLATE_NAMES)})"
-        )
-    if info["method"] not in ("lora", "qlora", "full"):
-        raise ConfigError(
-            f"{path}: field 'method': expected lora, qlora or full, got {info['method']!r}"
-        )
-    return info
-
-
 def default_device() -> str:
     import torch
 
@@ -111,83 +77,60 @@ def load_for_inference(
     device: str | None = None,
     merge_adapter: bool = True,
 ) -> LoadedModel:
-    """Load `model` (a name or folder, a merged model included) or the run directory `run`.
+    """Load `model` (a name or folder) or the run directory `run`.
 
-    A run uses the template it recorded; asking for another is an error. A plain model uses
-    `template`, else its chat template when the tokenizer has one, else Alpaca's. LoRA weights are
-    merged into the base for faster generation unless the base is quantized or `merge_adapter` is
-    False.
+    A folder Corral made (a run directory or a merged export, given as `model` or `run`) uses the
+    template it recorded; asking for another is an error. Any other model uses `template`, else its
+    chat template when the tokenizer has one, else Alpaca's. LoRA weights are merged into the base
+    for faster generation unless the base is quantized or `merge_adapter` is False.
     """
-    from corral.models import (
-        default_dtype,
-        load_model,
-        load_tokenizer,
-        quiet_transformers,
-        resolve_model,
-    )
+    from corral.models import default_dtype, load_model, load_tokenizer, quiet_transformers
+    from inference.engine import context_length_of
 
     if (model is None) == (run is None):
         raise UsageError("give exactly one of a model (--model) or a run directory (--run)")
+    if run is None and has_run_info(model):
+        run = model  # a merged export (or a run named with --model) keeps its own template
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     device_map = {"": device} if quantization or device != "cpu" else None
-
+    info: RunInfo | None = None
     with quiet_transformers():
         if run is None:
-            tokenizer = load_tokenizer(model, padding_side="left")
-            loaded = load_model(
-                model,
+            folder = model
+            template_name = template
+        else:
+            folder = Path(run)
+            info = read_run_info(folder)
+            if template is not None and template != info.template:
+                raise UsageError(
+                    f"{folder}: this model was trained with template {info.template!r}; "
+                    f"serving it with {template!r} would not match what it learned"
+                )
+            template_name = info.template
+        if info is not None and info.kind == "adapter":
+            base = info.base_model_location()
+            has_tokenizer = (folder / "tokenizer_config.json").is_file()
+            tokenizer = load_tokenizer(str(folder) if has_tokenizer else base, padding_side="left")
+            base_model = load_model(
+                base,
                 dtype=dtype,
                 quantization=quantization,
                 device_map=device_map,
                 tokenizer=tokenizer,
             )
-            template_name = template or (
-                "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
-            )
-            name, source, info = model, "model", {}
+            loaded = _attach_adapter(base_model, folder, merge=merge_adapter and not quantization)
         else:
-            run_path = Path(run)
-            info = read_run_info(run_path)
-            if template is not None and template != info["template"]:
-                raise UsageError(
-                    f"{run_path}: this run was trained with template {info['template']!r}; "
-                    f"serving it with {template!r} would not match what it learned"
-                )
-            template_name = info["template"]
-            has_tokenizer = (run_path / "tokenizer_config.json").is_file()
-            if (run_path / "adapter_config.json").is_file():
-                base = info.get("base_model_path") or ""
-                if not base or not Path(base).exists():
-                    base = resolve_model(info["base_model"])
-                tokenizer = load_tokenizer(
-                    str(run_path) if has_tokenizer else base, padding_side="left"
-                )
-                base_model = load_model(
-                    base,
-                    dtype=dtype,
-                    quantization=quantization,
-                    device_map=device_map,
-                    tokenizer=tokenizer,
-                )
-                loaded = _attach_adapter(
-                    base_model, run_path, merge=merge_adapter and not quantization
-                )
-            elif (run_path / "config.json").is_file():
-                tokenizer = load_tokenizer(str(run_path), padding_side="left")
-                loaded = load_model(
-                    str(run_path),
-                    dtype=dtype,
-                    quantization=quantization,
-                    device_map=device_map,
-                    tokenizer=tokenizer,
-                )
-            else:
-                raise ConfigError(
-                    f"{run_path}: neither adapter_config.json (LoRA/QLoRA) nor config.json "
-                    "(full fine-tune) is there; is training finished?"
-                )
-            name, source = run_path.resolve().name, "run"
+            tokenizer = load_tokenizer(str(folder), padding_side="left")
+            loaded = load_model(
+                str(folder),
+                dtype=dtype,
+                quantization=quantization,
+                device_map=device_map,
+                tokenizer=tokenizer,
+            )
+        if template_name is None:
+            template_name = "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
 
     if device_map is None and device != "cpu":
         loaded.to(device)
@@ -196,17 +139,15 @@ def load_for_inference(
         prompt_template = get_template(template_name, tokenizer)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if info:
-        _check_recorded_markers(info, prompt_template, Path(run))
-    from inference.engine import _context_length
-
+    if info is not None:
+        info.check_template(prompt_template, folder)
     return LoadedModel(
         model=loaded,
         tokenizer=tokenizer,
         template=prompt_template,
-        name=name,
-        source=source,
-        context_length=_context_length(loaded, tokenizer),
+        name=Path(folder).resolve().name if info is not None else str(model),
+        source="model" if info is None else "run",
+        context_length=context_length_of(loaded, tokenizer),
         run_info=info,
     )
 
@@ -216,15 +157,3 @@ def _attach_adapter(base_model: Any, run_path: Path, *, merge: bool) -> Any:
 
     adapted = PeftModel.from_pretrained(base_model, str(run_path))
     return adapted.merge_and_unload() if merge else adapted
-
-
-def _check_recorded_markers(info: dict[str, Any], template: PromptTemplate, run_path: Path) -> None:
-    """The markers rebuilt from the template must be the ones the run trained with."""
-    for key in ("response_marker", "end_marker"):
-        recorded = info.get(key)
-        current = getattr(template, key)
-        if recorded is not None and recorded != current:
-            raise ConfigError(
-                f"{run_path / RUN_INFO_FILE}: field '{key}': the run trained with {recorded!r} but "
-                f"template {template.name!r} now gives {current!r}; the tokenizer or template changed"
-            )

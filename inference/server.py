@@ -288,9 +288,10 @@ class OpenAIServer:
     # -- running requests on the engine
 
     async def run(
-        self, request: Request, prompts: Sequence[list[int]], params: SamplingParams
+        self, request: Request, prompts: Sequence[list[int]], params: Sequence[SamplingParams]
     ) -> AsyncIterator[tuple[int, GenerationEvent]]:
-        """Submit prompts and yield (prompt index, event) until each has its result.
+        """Submit prompts (each with its own settings) and yield (prompt index, event) until each
+        has its result.
 
         Polls for a client disconnect while waiting, and cancels whatever is still generating when
         the consumer stops early (disconnect, error, or a cancelled streaming response).
@@ -299,12 +300,12 @@ class OpenAIServer:
         events: asyncio.Queue[tuple[int, GenerationEvent]] = asyncio.Queue()
         handles = []
         try:
-            for index, prompt in enumerate(prompts):
+            for index, (prompt, prompt_params) in enumerate(zip(prompts, params, strict=True)):
 
                 def sink(event: GenerationEvent, index: int = index) -> None:
                     loop.call_soon_threadsafe(events.put_nowait, (index, event))
 
-                handles.append(self.engine.submit(prompt, params, sink))
+                handles.append(self.engine.submit(prompt, prompt_params, sink))
             remaining = len(prompts)
             next_check = loop.time() + DISCONNECT_POLL_SECONDS
             while remaining:
@@ -455,9 +456,9 @@ def create_app(server: OpenAIServer, *, max_request_bytes: int = 1_000_000) -> F
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return _stream_response(
-                server, request, [prompt], params, completion_id, created, "chat", include_usage
+                server, request, [prompt], [params], completion_id, created, "chat", include_usage
             )
-        results = await _collect(server, request, [prompt], params)
+        results = await _collect(server, request, [prompt], [params])
         if results is None:
             return error_response(499, "client disconnected")
         result = results[0]
@@ -483,14 +484,14 @@ def create_app(server: OpenAIServer, *, max_request_bytes: int = 1_000_000) -> F
         server.check_model(body.model)
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         prompts = [server.encode_raw(t) for t in texts]
-        # OpenAI's default for completions is 16 tokens; the context check applies per prompt.
+        # OpenAI's default for completions is 16 tokens; each prompt gets its own budget within
+        # the context that is left after it.
         params = [
             server.sampling_params(
                 body, len(p), max_tokens=body.max_tokens, default_max_tokens=16, templated=False
             )
             for p in prompts
         ]
-        params = min(params, key=lambda p: p.max_new_tokens)
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.stream:
@@ -517,7 +518,10 @@ def create_app(server: OpenAIServer, *, max_request_bytes: int = 1_000_000) -> F
 
 
 async def _collect(
-    server: OpenAIServer, request: Request, prompts: Sequence[list[int]], params: SamplingParams
+    server: OpenAIServer,
+    request: Request,
+    prompts: Sequence[list[int]],
+    params: Sequence[SamplingParams],
 ) -> list[GenerationResult] | None:
     results: dict[int, GenerationResult] = {}
     async for index, event in server.run(request, prompts, params):
@@ -532,7 +536,7 @@ def _stream_response(
     server: OpenAIServer,
     request: Request,
     prompts: Sequence[list[int]],
-    params: SamplingParams,
+    params: Sequence[SamplingParams],
     completion_id: str,
     created: int,
     kind: Literal["chat", "text"],

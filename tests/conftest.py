@@ -88,3 +88,43 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def write_run_info_for(run: Path, base_path: Path, template: str, method: str = "lora") -> None:
+    """The record training writes for a run on tiny-random, through the run-directory contract."""
+    from corral.models import load_tokenizer
+    from corral.rundir import run_info_for_training, write_run_info
+    from corral.templates import get_template
+
+    info = run_info_for_training(
+        base_model="tiny-random",
+        base_model_path=str(base_path),
+        method=method,
+        template=get_template(template, load_tokenizer("tiny-random")),
+        max_length=128,
+        corral_version="0.1.0",
+    )
+    write_run_info(run, info)
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory, tiny_model_path) -> Path:
+    """A Dolly-template LoRA run directory on tiny-random, built with peft directly: its adapter
+    weights are random, not zero, so it answers differently from its base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from corral.models import load_model, load_tokenizer
+
+    run = tmp_path_factory.mktemp("runs") / "dolly-lora"
+    tokenizer = load_tokenizer("tiny-random")
+    base = load_model("tiny-random", dtype=torch.float32, tokenizer=tokenizer)
+    torch.manual_seed(0)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    get_peft_model(base, config).save_pretrained(run)
+    tokenizer.save_pretrained(run)
+    write_run_info_for(run, tiny_model_path, "dolly")
+    (run / "corral_config.yaml").write_text("model: tiny-random\n")
+    return run

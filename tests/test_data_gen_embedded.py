@@ -8,10 +8,10 @@ import pytest
 
 from corral.config import load_config
 from corral.records import read_alpaca
+from corral.rouge import RougeNoveltyIndex
 from data_gen.config import GenerateConfig
 from data_gen.filters import InstructionRules
 from data_gen.pipeline import generate_dataset
-from data_gen.rouge import RougeNoveltyIndex
 from data_gen.teachers import LocalTeacher, SamplingParams
 
 

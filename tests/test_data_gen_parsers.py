@@ -31,9 +31,10 @@ def test_default_seed_set_is_valid_diverse_and_passes_its_own_filters():
     )
     rules = InstructionRules()
     assert [s.instruction for s in seeds if rules.drop_reason(s.instruction)] == []
-    from data_gen.rouge import filter_novel
+    from corral.rouge import RougeNoveltyIndex
 
-    assert all(filter_novel([s.instruction for s in seeds]))
+    index = RougeNoveltyIndex()
+    assert all(index.add_if_novel(s.instruction).novel for s in seeds)
 
 
 # ---------------------------------------------------------------- prompts

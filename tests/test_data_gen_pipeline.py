@@ -10,10 +10,11 @@ from openai_test_server import OpenAITestServer
 from corral.cli import main as corral_main
 from corral.config import load_config
 from corral.records import read_alpaca
+from corral.rouge import RougeNoveltyIndex
 from data_gen.config import GenerateConfig
 from data_gen.journal import FingerprintMismatch
-from data_gen.pipeline import format_summary, generate_dataset, run_paths
-from data_gen.rouge import RougeNoveltyIndex
+from data_gen.manifest import run_paths
+from data_gen.pipeline import format_summary, generate_dataset
 
 FAULTS = ["429", None, "500", "malformed", None, "503", "drop", "slow"]
 

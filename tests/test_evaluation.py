@@ -8,7 +8,7 @@ import pytest
 from openai_test_server import OpenAITestServer
 
 from corral.cli import main
-from corral.evaluation import (
+from evaluation.evaluate import (
     EndpointJudge,
     EvalItem,
     combine_orders,

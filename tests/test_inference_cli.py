@@ -87,7 +87,7 @@ def test_infer_bad_input_names_file_record_and_field(tmp_path):
 
 
 def test_infer_resumes_after_an_interruption(tmp_path, monkeypatch):
-    """A run that dies after its first batch leaves its answers in the partial file; the rerun
+    """A run that dies after its second answer leaves those answers in the partial file; the rerun
     keeps them, answers only the rest, and writes the complete output."""
     import inference.batch as batch
     from inference.generation import templated_params
@@ -99,16 +99,16 @@ def test_infer_resumes_after_an_interruption(tmp_path, monkeypatch):
     write_alpaca(source, RECORDS)
     out = tmp_path / "out.jsonl"
 
-    real_answer_records = batch.answer_records
+    real_answer_from_result = batch.answer_from_result
     calls = []
 
-    def dies_on_second_batch(*args, **kwargs):
+    def dies_on_third_answer(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_answer_records(*args, **kwargs)
+        return real_answer_from_result(*args, **kwargs)
 
-    monkeypatch.setattr(batch, "answer_records", dies_on_second_batch)
+    monkeypatch.setattr(batch, "answer_from_result", dies_on_third_answer)
     with pytest.raises(KeyboardInterrupt):
         batch.run_batch_inference(loaded, source, out, params, batch_size=2, progress=False)
     assert not out.exists()
@@ -116,7 +116,7 @@ def test_infer_resumes_after_an_interruption(tmp_path, monkeypatch):
     saved = {json.loads(line)["index"]: json.loads(line)["output"] for line in lines[1:]}
     assert len(saved) == 2
 
-    monkeypatch.setattr(batch, "answer_records", real_answer_records)
+    monkeypatch.setattr(batch, "answer_from_result", real_answer_from_result)
     # Tamper with a saved answer: the rerun must take it from the partial file, not regenerate it.
     first = min(saved)
     lines[1 + list(saved).index(first)] = json.dumps(
@@ -131,7 +131,7 @@ def test_infer_resumes_after_an_interruption(tmp_path, monkeypatch):
 
     # A partial file from different settings is refused rather than silently mixed in.
     batch.partial_path(out).write_text(json.dumps({"corral_partial": 1, "model": "other"}) + "\n")
-    from corral.cli import UsageError
+    from corral.errors import UsageError
 
     with pytest.raises(UsageError, match="different input, model or settings"):
         batch.run_batch_inference(loaded, source, out, params, batch_size=2, progress=False)
@@ -155,3 +155,54 @@ def test_chat_streams_multi_turn_answers(embedded_model_path):
     before, after = done.stdout.split("(new conversation)")
     assert before.strip() and after.strip()  # one answer per turn
     assert "never read" not in done.stdout
+
+
+@pytest.mark.slow
+def test_infer_lets_the_next_record_start_when_one_finishes(tmp_path, embedded_model_path):
+    """Continuous batching: with two slots, one short and two long answers take about one long
+    answer's worth of decode steps, not two (a fixed chunk waits for its longest answer)."""
+    from inference.batch import run_batch_inference
+    from inference.engine import GenerationEngine
+    from inference.generation import record_prompt, templated_params
+    from inference.loading import load_for_inference
+
+    loaded = load_for_inference("embedded", template="alpaca")
+    longest = 32
+    params = templated_params(loaded, max_new_tokens=longest)
+    candidates = [
+        {"instruction": text}
+        for text in (
+            "Say hello.",
+            "What is 2+2?",
+            "Name a planet.",
+            "Describe the sea.",
+            "List three animals.",
+            "Write a short story about a lighthouse keeper.",
+            "Write a long essay about the history of rivers and the towns beside them.",
+            "Explain in detail how a steam engine works.",
+        )
+    ]
+    # How long each answer is when generated alone (greedy: the same inside any batch).
+    probe = GenerationEngine(loaded.model, loaded.tokenizer, max_batch_size=8)
+    runs = probe.generate([record_prompt(loaded, r) for r in candidates], params)
+    lengths = sorted(
+        ((r.completion_tokens, r.finish_reason, c) for c, r in zip(candidates, runs, strict=True)),
+        key=lambda row: row[0],
+    )
+    short = [c for n, reason, c in lengths if reason == "stop" and n <= longest // 4]
+    long = [c for n, reason, c in lengths if reason == "length"][:2]
+    # The short answer has the shortest prompt, so a fixed-chunk run would pair it with a long
+    # answer (infer orders records by prompt length) and then run the other long one alone.
+    first = min(short, key=lambda c: len(c["instruction"]))
+    assert len(long) == 2 and all(len(first["instruction"]) < len(c["instruction"]) for c in long)
+    records = [first, *long]
+
+    source = tmp_path / "in.json"
+    write_alpaca(source, records)
+    summary = run_batch_inference(
+        loaded, source, tmp_path / "out.json", params, batch_size=2, progress=False
+    )
+    assert summary.stopped_for_length == 2
+    # The second long answer takes the short one's slot as soon as it is free: about `longest`
+    # steps in all. Chunks (short, long) then (long) would take 2 x `longest`.
+    assert summary.decode_steps <= longest + longest // 4

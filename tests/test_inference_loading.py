@@ -8,52 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_run_info_for
 
-from corral.cli import UsageError
-from corral.config import ConfigError
+from corral.errors import RunDirError, UsageError
 from inference.generation import answer_instructions
-from inference.loading import load_for_inference, read_run_info
-
-
-def _run_info(base_path: Path, template: str, method: str = "lora", **extra) -> dict:
-    from corral.models import load_tokenizer
-    from corral.templates import get_template
-
-    prompt_template = get_template(template, load_tokenizer("tiny-random"))
-    return {
-        "base_model": "tiny-random",
-        "base_model_path": str(base_path),
-        "method": method,
-        "template": template,
-        "max_length": 128,
-        "response_marker": prompt_template.response_marker,
-        "end_marker": prompt_template.end_marker,
-        "completion_suffix": prompt_template.completion_suffix,
-        "corral_version": "0.1.0",
-        **extra,
-    }
-
-
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, tiny_model_path) -> Path:
-    """A LoRA run directory on tiny-random, trained by nobody: its weights are random, not zero."""
-    from peft import LoraConfig, get_peft_model
-
-    from corral.models import load_model, load_tokenizer
-
-    run = tmp_path_factory.mktemp("runs") / "dolly-lora"
-    tokenizer = load_tokenizer("tiny-random")
-    base = load_model("tiny-random", dtype=torch.float32, tokenizer=tokenizer)
-    torch.manual_seed(0)
-    config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-    )
-    peft_model = get_peft_model(base, config)
-    peft_model.save_pretrained(run)
-    tokenizer.save_pretrained(run)
-    (run / "run_info.json").write_text(json.dumps(_run_info(tiny_model_path, "dolly")))
-    (run / "corral_config.yaml").write_text("model: tiny-random\n")
-    return run
+from inference.loading import load_for_inference
 
 
 def _logits(model, ids):
@@ -102,33 +61,10 @@ def test_full_fine_tune_run_loads_from_its_own_weights(tmp_path, tiny_model_path
     run = tmp_path / "full"
     load_model("tiny-random", dtype=torch.float32).save_pretrained(run)
     load_tokenizer("tiny-random").save_pretrained(run)
-    (run / "run_info.json").write_text(
-        json.dumps(_run_info(tiny_model_path, "alpaca", method="full"))
-    )
+    write_run_info_for(run, tiny_model_path, "alpaca", method="full")
     loaded = load_for_inference(run=run)
     assert loaded.template.name == "alpaca"
     assert loaded.stop_token_ids() == (loaded.tokenizer.eos_token_id,)
-
-
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (None, "run_info.json: missing"),
-        ("{not json", "invalid JSON"),
-        (json.dumps({"base_model": "tiny-random", "method": "lora"}), "field 'template'"),
-        (
-            json.dumps({"base_model": "x", "method": "lora", "template": "vicuna"}),
-            "unknown template 'vicuna'",
-        ),
-        (json.dumps({"base_model": "x", "method": "sft", "template": "dolly"}), "field 'method'"),
-    ],
-)
-def test_bad_run_info_names_the_file_and_field(tmp_path, content, message):
-    if content is not None:
-        (tmp_path / "run_info.json").write_text(content)
-    with pytest.raises(ConfigError, match=message) as error:
-        read_run_info(tmp_path)
-    assert str(tmp_path / "run_info.json") in str(error.value)
 
 
 def test_recorded_markers_that_no_longer_match_are_refused(lora_run, tmp_path):
@@ -139,7 +75,7 @@ def test_recorded_markers_that_no_longer_match_are_refused(lora_run, tmp_path):
     info = json.loads((drifted / "run_info.json").read_text())
     info["end_marker"] = "### Finish"
     (drifted / "run_info.json").write_text(json.dumps(info))
-    with pytest.raises(ConfigError, match="field 'end_marker'"):
+    with pytest.raises(RunDirError, match="field 'end_marker'"):
         load_for_inference(run=drifted)
 
 

@@ -8,8 +8,16 @@ import pytest
 from browser import chromium_page
 
 from corral.cli import main
+from corral.fileio import atomic_write_text
 from corral.records import read_seed_tasks, write_alpaca
-from corral.report import build_report, verb_and_object
+from corral.rundir import run_info_for_training, write_run_info
+from corral.templates import alpaca_template
+from data_gen.config import DEFAULT_SEED_TASKS
+from data_gen.manifest import build_manifest, run_paths
+from evaluation.report import build_report, verb_and_object
+
+# Corral's own seed tasks: the report is tested on every clone, reference data or not.
+SEEDS = DEFAULT_SEED_TASKS
 
 
 def test_verb_and_object_heuristic():
@@ -23,18 +31,45 @@ def test_verb_and_object_heuristic():
 
 
 @pytest.fixture()
-def report_inputs(tmp_path, seed_tasks_path):
+def report_inputs(tmp_path):
     """A dataset with a manifest, a run directory with metrics, and an evaluation result."""
-    records = [dict(s.as_alpaca()) for s in read_seed_tasks(seed_tasks_path)][:120]
+    records = [dict(s.as_alpaca()) for s in read_seed_tasks(SEEDS)]
     data = tmp_path / "data.json"
     write_alpaca(data, records)
-    (tmp_path / "data.manifest.json").write_text(
-        json.dumps({"dropped_by_reason": {"rouge_similar": 40, "too_short": 7, "blocklist": 3}})
+    # The manifest and the run record as the pipeline and training write them.
+    _, journal, manifest = run_paths(data)
+    atomic_write_text(
+        manifest,
+        json.dumps(
+            build_manifest(
+                mode="alpaca",
+                output=data,
+                journal=journal,
+                seed_tasks={"path": str(SEEDS), "count": len(records), "sha256_16": "0" * 16},
+                teacher={"kind": "local", "model": "embedded"},
+                tasks=[{"instruction": r["instruction"]} for r in records],
+                records=len(records),
+                candidates=170,
+                drops={"not_novel": 40, "too_short": 7, "blocklisted": 3},
+                teacher_stats={},
+                duration_s=1.0,
+                resumed=False,
+                config={},
+            )
+        ),
     )
     run = tmp_path / "run"
     run.mkdir()
-    (run / "run_info.json").write_text(
-        json.dumps({"base_model": "embedded", "method": "lora", "template": "alpaca"})
+    write_run_info(
+        run,
+        run_info_for_training(
+            base_model="embedded",
+            base_model_path="",
+            method="lora",
+            template=alpaca_template(),
+            max_length=256,
+            corral_version="0.1.0",
+        ),
     )
     rows = [
         {
@@ -59,9 +94,10 @@ def report_inputs(tmp_path, seed_tasks_path):
     return data, run, result
 
 
-def test_report_html_has_every_view(report_inputs, seed_tasks_path):
+def test_report_html_has_every_view(report_inputs):
     data, run, result = report_inputs
-    html = build_report([data, run, result], seed_tasks=seed_tasks_path)
+    # No --seed-tasks: the manifest names the seed file the run used.
+    html = build_report([data, run, result])
     for title in (
         "Most common leading verbs",
         "ROUGE-L to the most similar seed instruction",
@@ -77,7 +113,7 @@ def test_report_html_has_every_view(report_inputs, seed_tasks_path):
 
 
 @pytest.mark.slow
-def test_report_renders_in_headless_chromium(report_inputs, seed_tasks_path, tmp_path):
+def test_report_renders_in_headless_chromium(report_inputs, tmp_path):
     data, run, result = report_inputs
     out = tmp_path / "report.html"
     assert (
@@ -88,7 +124,7 @@ def test_report_renders_in_headless_chromium(report_inputs, seed_tasks_path, tmp
                 str(run),
                 str(result),
                 "--seed-tasks",
-                str(seed_tasks_path),
+                str(SEEDS),
                 "-o",
                 str(out),
             ]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from corral.records import RecordError
+from corral.errors import RecordError
 from corral.templates import get_template
 from training.data import (
     IGNORE_INDEX,

@@ -8,8 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from corral.config import ConfigError
-from corral.records import RecordError
+from corral.errors import CorralError
 
 TRAIN_DESCRIPTION = (
     "Fine-tune a model on Alpaca JSON/JSONL with LoRA, QLoRA or full weights. Runs the same "
@@ -82,7 +81,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="merge a run's adapter into its base and save a plain HF model",
         description="Merge the LoRA/QLoRA adapter of run directory RUN into its base model (loaded "
         "unquantized in 16/32-bit, also for QLoRA) and save a plain transformers model with the "
-        "run's tokenizer and run_info.json to OUT.",
+        "run's tokenizer and record (run_info.json: template and markers) to OUT; every corral "
+        "command then prompts it as it was trained.",
     )
     export.add_argument("run", metavar="RUN", help="a training run directory")
     export.add_argument("--merge", metavar="OUT", required=True, help="folder for the merged model")
@@ -107,6 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run_train(args)
-    except (RecordError, ConfigError) as exc:
+    except CorralError as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from corral.config import ConfigError
+from corral.errors import ConfigError
 
 
 @dataclass

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from corral.records import RecordError, read_alpaca, validate_alpaca_record
-from corral.templates import PromptTemplate
+from corral.templates import PromptTemplate, encode_prompt
 
 IGNORE_INDEX = -100  # label value that carries no loss (PyTorch cross-entropy convention)
 
@@ -63,14 +63,6 @@ def mask_prompt_tokens(
     input_ids = [*prompt_ids, *completion_ids]
     prompt_labels = list(prompt_ids) if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids)
     return input_ids, [*prompt_labels, *completion_ids]
-
-
-def encode_prompt(tokenizer: Any, template: PromptTemplate, text: str) -> list[int]:
-    """Token ids of a rendered prompt, exactly as inference will encode it."""
-    # A chat template renders its own special tokens (BOS included where it has one); adding the
-    # tokenizer's special tokens again would double them.
-    add_special = template.name != "chat"
-    return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
 
 def encode_completion(tokenizer: Any, template: PromptTemplate, text: str) -> list[int]:
@@ -286,7 +278,3 @@ def split_by_token_budget(
     if current:
         chunks.append(current)
     return chunks
-
-
-def count_label_tokens(examples: Iterable[TokenizedExample]) -> int:
-    return sum(example.num_label_tokens for example in examples)

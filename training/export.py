@@ -1,20 +1,20 @@
 """`corral export RUN --merge OUT`: fold a run's adapter into its base and save a plain HF model.
 
 A QLoRA adapter was trained against NF4 weights, but merging into 4-bit weights rounds the update
-away; the base is loaded unquantized (16/32-bit) and the adapter merged there.
+away; the base is loaded unquantized (16/32-bit) and the adapter merged there. The merged folder
+keeps the run's record (`run_info.json`, kind `merged`), so every Corral command prompts it with the
+template it was trained with.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from corral.cli import UsageError
-
-RUN_INFO = "run_info.json"
+from corral.errors import UsageError
+from corral.rundir import read_run_info, write_run_info
 
 
 def merge_run(
@@ -23,14 +23,11 @@ def merge_run(
     """Merge RUN's adapter into its base and write a transformers model folder at `out_dir`."""
     run = Path(run_dir)
     out = Path(out_dir)
-    info_path = run / RUN_INFO
-    if not info_path.is_file():
-        raise UsageError(f"{run}: not a training run directory (no {RUN_INFO})")
-    info = json.loads(info_path.read_text())
-    if info.get("method") == "full":
-        raise UsageError(f"{run}: a full fine-tune has no adapter; load the folder directly")
-    if not (run / "adapter_config.json").is_file():
-        raise UsageError(f"{run}: no adapter_config.json (did the run finish?)")
+    info = read_run_info(run)
+    if info.kind != "adapter":
+        raise UsageError(
+            f"{run}: a {info.kind} model folder has no adapter to merge; load the folder directly"
+        )
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out}: exists and is not empty; choose a new folder")
 
@@ -43,10 +40,7 @@ def merge_run(
     torch_dtype = getattr(torch, dtype)
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(run)
-        base_name = info.get("base_model_path") or info["base_model"]
-        if not Path(base_name).exists():
-            base_name = info["base_model"]
-        base = load_model(base_name, dtype=torch_dtype, tokenizer=tokenizer)
+        base = load_model(info.base_model_location(), dtype=torch_dtype, tokenizer=tokenizer)
         merged = PeftModel.from_pretrained(base, run).merge_and_unload()
     # Build beside the target and rename, so OUT is either absent or complete.
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -54,8 +48,7 @@ def merge_run(
     try:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        merged_info = {**info, "method": "merged", "merged_from": str(run.resolve())}
-        (tmp / RUN_INFO).write_text(json.dumps(merged_info, indent=2) + "\n")
+        write_run_info(tmp, info.merged(run))
         if out.exists():
             out.rmdir()
         os.rename(tmp, out)

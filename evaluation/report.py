@@ -20,9 +20,14 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from corral.errors import RecordError
 from corral.fileio import atomic_write_text
-from corral.records import RecordError, read_alpaca, read_seed_tasks
-from corral.svgplot import bar_chart, histogram, line_chart
+from corral.records import read_alpaca, read_seed_tasks
+from corral.rouge import RougeNoveltyIndex
+from corral.rundir import has_run_info, read_metrics, read_run_info
+from data_gen.manifest import drops_by_reason, read_manifest
+from data_gen.manifest import seed_tasks_path as manifest_seed_tasks
+from evaluation.svgplot import bar_chart, histogram, line_chart
 
 # How many records at most get a nearest-seed ROUGE-L score (a random sample beyond that).
 ROUGE_SAMPLE = 5000
@@ -64,65 +69,19 @@ def _words(text: str) -> int:
     return len(text.split())
 
 
-def _find_manifest(data_path: Path) -> dict[str, Any] | None:
-    candidates = [
-        data_path.with_name(data_path.stem + ".manifest.json"),
-        data_path.with_suffix(data_path.suffix + ".manifest.json"),
-        data_path.parent / "manifest.json",
-    ]
-    for candidate in candidates:
-        if candidate.is_file():
-            try:
-                return json.loads(candidate.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                return None
-    return None
-
-
-def _drops_by_reason(manifest: dict[str, Any] | None) -> dict[str, int]:
-    if not manifest:
-        return {}
-    for key in ("dropped_by_reason", "dropped", "drops"):
-        value = manifest.get(key)
-        if isinstance(value, dict):
-            return {str(k): int(v) for k, v in value.items() if isinstance(v, int | float)}
-    counts = manifest.get("counts")
-    if isinstance(counts, dict):
-        return _drops_by_reason(counts)
-    return {}
-
-
 def nearest_seed_rouge(instructions: list[str], seed_instructions: list[str]) -> list[float]:
     """For each instruction, its highest ROUGE-L F-measure against any seed instruction."""
-    from rapidfuzz.distance import Indel
-
-    from data_gen.rouge import rouge_l_fmeasure_from_lcs, rouge_tokens
-
-    vocab: dict[str, int] = {}
-
-    def encode(text: str) -> list[int]:
-        return [vocab.setdefault(t, len(vocab)) for t in rouge_tokens(text)]
-
-    seeds = [encode(s) for s in seed_instructions]
-    best_scores = []
-    for text in instructions:
-        ids = encode(text)
-        best = 0.0
-        for seed in seeds:
-            if ids and seed:
-                lcs = (len(ids) + len(seed) - Indel.distance(ids, seed)) // 2
-                best = max(best, rouge_l_fmeasure_from_lcs(lcs, len(seed), len(ids)))
-        best_scores.append(best)
-    return best_scores
+    # At threshold 0 the index prunes nothing that shares a token, so its maximum is exact.
+    index = RougeNoveltyIndex(0.0)
+    index.extend(seed_instructions)
+    return [index.check(text).max_fmeasure for text in instructions]
 
 
 def dataset_section(path: Path, seed_tasks: Path | None) -> str:
     records = read_alpaca(path)
-    manifest = _find_manifest(path)
-    if seed_tasks is None and manifest:
-        recorded = manifest.get("seed_tasks") or (manifest.get("config") or {}).get("seed_tasks")
-        if isinstance(recorded, str) and Path(recorded).is_file():
-            seed_tasks = Path(recorded)
+    manifest = read_manifest(path)
+    if seed_tasks is None and manifest is not None:
+        seed_tasks = manifest_seed_tasks(manifest)
     parts = [f"<h2>Dataset: {escape(str(path))}</h2>"]
     with_input = sum(1 for r in records if r.get("input", "").strip())
     parts.append(
@@ -183,7 +142,7 @@ def dataset_section(path: Path, seed_tasks: Path | None) -> str:
                 color=("#3b6ea8", "#d9822b", "#4f9a55")[color],
             )
         )
-    drops = _drops_by_reason(manifest)
+    drops = drops_by_reason(manifest) if manifest is not None else {}
     if drops:
         ordered = sorted(drops.items(), key=lambda kv: -kv[1])
         parts.append(
@@ -197,28 +156,14 @@ def dataset_section(path: Path, seed_tasks: Path | None) -> str:
     return "\n".join(parts)
 
 
-def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise RecordError(path, f"invalid JSON: {exc.msg}", line=line_no) from None
-    return rows
-
-
 def run_section(run_dir: Path) -> str:
-    info = json.loads((run_dir / "run_info.json").read_text(encoding="utf-8"))
-    metrics = _read_metrics(run_dir)
+    info = read_run_info(run_dir, check_files=False)
+    metrics = read_metrics(run_dir)
     parts = [f"<h2>Training run: {escape(str(run_dir))}</h2>"]
     facts = ", ".join(
-        f"{k}: {escape(str(info[k]))}"
+        f"{k}: {escape(str(getattr(info, k)))}"
         for k in ("base_model", "method", "template", "max_length")
-        if k in info
+        if getattr(info, k) is not None
     )
     parts.append(f'<p class="facts">{facts}; {len(metrics)} logged steps.</p>')
     loss = [(m["step"], float(m["loss"])) for m in metrics if m.get("loss") is not None]
@@ -282,7 +227,7 @@ def build_report(paths: list[Path], seed_tasks: Path | None = None) -> str:
     sections = []
     for path in paths:
         if path.is_dir():
-            if not (path / "run_info.json").is_file():
+            if not has_run_info(path):
                 raise RecordError(path, "not a training run directory (no run_info.json)")
             sections.append(run_section(path))
             continue

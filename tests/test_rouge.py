@@ -9,9 +9,8 @@ import sys
 
 import pytest
 
-from data_gen.rouge import (
+from corral.rouge import (
     RougeNoveltyIndex,
-    filter_novel,
     rouge_l_fmeasure,
     rouge_tokens,
 )
@@ -121,7 +120,9 @@ def test_filter_decisions_identical_to_rouge_score(seed_instructions, threshold,
     rng = random.Random(threshold)
     candidates = perturbed_instructions(seed_instructions, count, rng)
     expected = reference_filter(candidates, seed_instructions, threshold)
-    got = filter_novel(candidates, threshold, existing=seed_instructions)
+    index = RougeNoveltyIndex(threshold)
+    index.extend(seed_instructions)
+    got = [index.add_if_novel(text).novel for text in candidates]
     assert got == expected
     # Both outcomes occur often enough for the comparison to mean something.
     assert 20 < sum(got) < len(got) - 20

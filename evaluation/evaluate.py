@@ -166,7 +166,7 @@ def evaluate(
     judge: Any = None,
 ) -> dict[str, Any]:
     """Answer `eval_set` with `base` (and `tuned`), score with ROUGE-L, optionally judge pairwise."""
-    from data_gen.rouge import rouge_l_fmeasure
+    from corral.rouge import rouge_l_fmeasure
 
     items = read_eval_set(eval_set, limit)
     contestants = {"base": base, **({"tuned": tuned} if tuned else {})}

@@ -224,14 +224,3 @@ class RougeNoveltyIndex:
     def extend(self, texts: Iterable[str]) -> None:
         for text in texts:
             self.add(text)
-
-
-def filter_novel(
-    instructions: Iterable[str],
-    threshold: float = DEFAULT_ROUGE_THRESHOLD,
-    existing: Iterable[str] = (),
-) -> list[bool]:
-    """Keep/drop decision per instruction, in order, each against `existing` and earlier kept ones."""
-    index = RougeNoveltyIndex(threshold)
-    index.extend(existing)
-    return [index.add_if_novel(text).novel for text in instructions]

@@ -1,0 +1,94 @@
+"""`corral eval` and `corral report`. Only argparse at import time: `corral --help` stays instant."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EVAL_DESCRIPTION = (
+    "Answers the evaluation set (Self-Instruct's user-oriented JSONL, or Alpaca records; "
+    "evaluation only, never training) with --base and --tuned, reports ROUGE-L against the "
+    "references and answer lengths, and with a judge the pairwise win rate, each pair judged in "
+    "both orders to cancel position bias."
+)
+REPORT_DESCRIPTION = (
+    "Datasets (Alpaca JSON/JSONL) get the Self-Instruct diversity views (leading verbs and "
+    "objects, ROUGE-L to the nearest seed, lengths, drops by reason); run directories get loss, "
+    "eval-loss and throughput curves; `corral eval` results get win rates."
+)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from corral.errors import UsageError
+    from corral.fileio import atomic_write_text
+    from evaluation.evaluate import EndpointJudge, LocalJudge, evaluate, format_table
+
+    if args.judge and args.judge_base_url:
+        raise UsageError("give --judge (a local model) or --judge-base-url (an endpoint), not both")
+    judge = None
+    if args.judge_base_url:
+        judge = EndpointJudge(args.judge_model, args.judge_base_url)
+    elif args.judge:
+        judge = LocalJudge(args.judge)
+    result = evaluate(
+        args.eval_set,
+        args.base,
+        args.tuned,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        judge=judge,
+    )
+    atomic_write_text(args.output, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    print(format_table(result))
+    print(f"results written to {args.output}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from evaluation.report import write_report
+
+    output = write_report([Path(p) for p in args.inputs], Path(args.output), args.seed_tasks)
+    print(f"report written to {output}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    evaluation = subparsers.add_parser(
+        "eval",
+        help="answer an evaluation set with a base and a tuned model; ROUGE-L and a pairwise judge",
+        description=EVAL_DESCRIPTION,
+    )
+    evaluation.add_argument("--eval-set", required=True, type=Path, help="evaluation JSONL/JSON")
+    evaluation.add_argument(
+        "--base", default="embedded", help="base model name, folder or run directory"
+    )
+    evaluation.add_argument(
+        "--tuned", default=None, help="a training run directory, a merged export, or a model"
+    )
+    evaluation.add_argument("--limit", type=int, default=20, help="evaluate the first N items")
+    evaluation.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit")
+    evaluation.add_argument("--judge", default=None, help="a local model as judge (e.g. embedded)")
+    evaluation.add_argument(
+        "--judge-base-url", default=None, help="an OpenAI-compatible endpoint as judge"
+    )
+    evaluation.add_argument(
+        "--judge-model", default="gpt-4o-mini", help="model name at --judge-base-url"
+    )
+    evaluation.add_argument("--output", "-o", default="eval.json", help="results JSON to write")
+    evaluation.set_defaults(func=run_eval)
+
+    report = subparsers.add_parser(
+        "report",
+        help="one self-contained HTML page with plots of datasets, training runs and evaluations",
+        description=REPORT_DESCRIPTION,
+    )
+    report.add_argument(
+        "inputs", nargs="+", metavar="RUN_OR_DATA", help="datasets, run dirs, eval JSON"
+    )
+    report.add_argument("--output", "-o", default="report.html", help="HTML file to write")
+    report.add_argument(
+        "--seed-tasks", type=Path, default=None, help="seed tasks for the nearest-seed ROUGE-L view"
+    )
+    report.set_defaults(func=run_report)

@@ -1,0 +1,111 @@
+"""Real servers on 127.0.0.1 for tests: a free port, waiting for health, and the two ways to run
+Corral's server (a `corral serve` process, or the app on a thread in the test process)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(
+    ready: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    alive: Callable[[], str | None] = lambda: None,
+    interval: float = 0.2,
+) -> None:
+    """Poll `ready()` until it is true; fail with `what` at the deadline, or at once when
+    `alive()` returns a reason the thing being waited for is gone (a process that exited)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        gone = alive()
+        if gone is not None:
+            raise RuntimeError(f"{what}: {gone}")
+        if ready():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not ready after {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def is_healthy(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextlib.contextmanager
+def corral_serve(
+    args: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 180.0
+) -> Iterator[str]:
+    """Run `corral serve ARGS --port P` as a process; yield its base URL once healthy."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "corral.cli", "serve", *args, "--port", str(port)],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def exited() -> str | None:
+        if process.poll() is None:
+            return None
+        return f"exited with {process.returncode}: {process.stderr.read()}"
+
+    try:
+        wait_until(lambda: is_healthy(base), timeout=timeout, what="corral serve", alive=exited)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def app_on_a_thread(app: Any, *, timeout: float = 60.0) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on a thread of this process; yield its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+
+    def stopped() -> str | None:
+        return None if thread.is_alive() else "the server thread stopped"
+
+    try:
+        wait_until(lambda: is_healthy(base), timeout=timeout, what="server", alive=stopped)
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
