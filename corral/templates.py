@@ -15,7 +15,9 @@ template, with markers derived by rendering it).
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +53,15 @@ _DOLLY_NO_INPUT = (
 
 _FIELD = re.compile(r"\{instruction\}|\{input\}")
 
+# Between replayed turns of a conversation in an instruction format.
+TURN_SEPARATOR = "\n\n"
+SYSTEM_ROLES = ("system", "developer")
+
+
+def _jinja_string(text: str) -> str:
+    """`text` as a Jinja string literal (JSON's escapes are a subset of Jinja's)."""
+    return json.dumps(text, ensure_ascii=False)
+
 # Stands in for the answer when a chat template is rendered to find where the answer sits.
 _CHAT_PROBE = "\u2063CORRAL-ANSWER\u2063"
 
@@ -85,6 +96,71 @@ class PromptTemplate:
     def format_example(self, instruction: str, input: str, output: str) -> tuple[str, str]:
         """(prompt, completion) for one Alpaca record; loss goes on the completion only."""
         return self.format_prompt(instruction, input), self.format_completion(output)
+
+    def format_conversation(self, messages: Sequence[dict[str, str]]) -> str:
+        """The prompt for a conversation that ends with a user message (alpaca, dolly).
+
+        These formats are single-turn: a system message goes first, then each earlier turn is
+        replayed as prompt + answer + end marker, so a run trained on single-turn data sees its own
+        format. `chat` renders conversations with the tokenizer's own template instead.
+        """
+        if not messages or messages[-1].get("role") != "user":
+            raise ValueError("the last message must come from the user")
+        parts: list[str] = []
+        pending_user: str | None = None
+        for message in messages:
+            role, content = message["role"], message["content"]
+            if role in SYSTEM_ROLES or role == "user":
+                # Turns render in order: a question nobody answered stays as it was asked.
+                if pending_user is not None:
+                    parts.append(self.format_prompt(pending_user) + TURN_SEPARATOR)
+                    pending_user = None
+                if role == "user":
+                    pending_user = content
+                else:
+                    parts.append(content.strip() + TURN_SEPARATOR)
+            elif role != "assistant":
+                raise ValueError(f"unknown role {role!r}: expected system, user or assistant")
+            elif pending_user is not None:
+                parts.append(
+                    self.format_prompt(pending_user)
+                    + self.format_completion(content)
+                    + TURN_SEPARATOR
+                )
+                pending_user = None
+        parts.append(self.format_prompt(pending_user or ""))
+        return "".join(parts)
+
+    def jinja_chat_template(self, *, bos_token: bool = False) -> str:
+        """A tokenizer chat template that renders `format_conversation` exactly (alpaca, dolly).
+
+        Saved with an export, it makes any server that applies the tokenizer's chat template
+        (vLLM, llama.cpp, Ollama, transformers) prompt the model in the format it was trained on.
+        `bos_token`: start with the tokenizer's BOS, for tokenizers that add one to every prompt
+        (servers do not add special tokens to a rendered chat).
+        """
+        if self.name == "chat":
+            raise ValueError("template 'chat' is the tokenizer's own chat template already")
+        prefix, suffix = self.no_input.split("{instruction}")
+        text = _jinja_string
+        return (
+            ("{{- bos_token -}}" if bos_token else "")
+            + "{%- for message in messages -%}"
+            "{%- if message['role'] in ['system', 'developer'] -%}"
+            "{{- message['content'] | trim -}}{{- " + text(TURN_SEPARATOR) + " -}}"
+            "{%- elif message['role'] == 'user' -%}"
+            "{{- " + text(prefix) + " -}}{{- message['content'] -}}{{- " + text(suffix) + " -}}"
+            "{%- if not loop.last and messages[loop.index0 + 1]['role'] != 'assistant' -%}"
+            "{{- " + text(TURN_SEPARATOR) + " -}}"
+            "{%- endif -%}"
+            "{%- elif message['role'] == 'assistant' and not loop.first "
+            "and messages[loop.index0 - 1]['role'] == 'user' -%}"
+            "{{- message['content'] -}}{{- "
+            + text(self.completion_suffix + TURN_SEPARATOR)
+            + " -}}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+        )
 
     def to_dict(self) -> dict[str, str]:
         return {

@@ -18,7 +18,7 @@ from typing import Any
 
 from corral.errors import UsageError
 from corral.records import read_alpaca, write_alpaca
-from inference.engine import GenerationEngine, GenerationEvent, GenerationResult
+from inference.engine import GenerationEvent, GenerationResult
 from inference.generation import answer_from_result, record_prompt
 from inference.loading import LoadedModel
 from inference.params import SamplingParams
@@ -125,12 +125,7 @@ def run_batch_inference(
         (i for i in range(len(records)) if i not in done),
         key=lambda i: len(records[i]["instruction"]) + len(records[i].get("input") or ""),
     )
-    engine = GenerationEngine(
-        loaded.model,
-        loaded.tokenizer,
-        max_batch_size=batch_size,
-        context_length=loaded.context_length,
-    )
+    engine = loaded.make_engine(batch_size)
     end_found = length_stops = tokens = 0
 
     partial.parent.mkdir(parents=True, exist_ok=True)

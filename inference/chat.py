@@ -11,7 +11,6 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from inference.engine import GenerationEngine
 from inference.generation import encode_prompt, render_conversation
 from inference.loading import LoadedModel
 from inference.params import SamplingParams
@@ -26,9 +25,7 @@ def run_chat(
     output_stream: TextIO = sys.stdout,
 ) -> int:
     """Read user turns from `input_stream`, stream answers to `output_stream`."""
-    engine = GenerationEngine(
-        loaded.model, loaded.tokenizer, max_batch_size=1, context_length=loaded.context_length
-    )
+    engine = loaded.make_engine(1)
     engine.start()
     interactive = input_stream.isatty()
     messages: list[dict[str, str]] = []

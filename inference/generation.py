@@ -45,11 +45,11 @@ def encode_prompt(loaded: LoadedModel, text: str) -> list[int]:
 
 
 def render_conversation(loaded: LoadedModel, messages: Sequence[dict[str, str]]) -> str:
-    """The prompt for a conversation that ends with a user message.
+    """The prompt for a conversation that ends with a user message, in the model's template.
 
-    With the `chat` template the tokenizer's own chat template renders every turn. Instruction
-    templates (alpaca, dolly) are single-turn: earlier turns are replayed as prompt + answer pairs
-    and a system message goes before them, so a run trained on single-turn data sees its own format.
+    With the `chat` template the tokenizer's own chat template renders every turn; instruction
+    templates (alpaca, dolly) replay earlier turns in their own format
+    (`PromptTemplate.format_conversation`).
     """
     if not messages or messages[-1].get("role") != "user":
         raise ValueError("the last message must come from the user")
@@ -57,26 +57,7 @@ def render_conversation(loaded: LoadedModel, messages: Sequence[dict[str, str]])
         return loaded.tokenizer.apply_chat_template(
             list(messages), tokenize=False, add_generation_prompt=True
         )
-    parts: list[str] = []
-    pending_user: str | None = None
-    for message in messages:
-        role, content = message["role"], message["content"]
-        if role == "system":
-            parts.append(content.strip() + "\n\n")
-        elif role == "user":
-            if pending_user is not None:
-                parts.append(loaded.template.format_prompt(pending_user) + "\n\n")
-            pending_user = content
-        elif role == "assistant":
-            if pending_user is not None:
-                parts.append(
-                    loaded.template.format_prompt(pending_user)
-                    + loaded.template.format_completion(content)
-                    + "\n\n"
-                )
-                pending_user = None
-    parts.append(loaded.template.format_prompt(pending_user or ""))
-    return "".join(parts)
+    return loaded.template.format_conversation(messages)
 
 
 def answer_records(
@@ -146,12 +127,7 @@ def answer_instructions(
         {"instruction": i, "input": ""} if isinstance(i, str) else {"input": "", **i}
         for i in instructions
     ]
-    engine = GenerationEngine(
-        loaded.model,
-        loaded.tokenizer,
-        max_batch_size=batch_size,
-        context_length=loaded.context_length,
-    )
+    engine = loaded.make_engine(batch_size)
     params = templated_params(
         loaded, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
     )

@@ -52,6 +52,17 @@ class LoadedModel:
     def decode_keeping_special(self, ids: Any) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
+    def make_engine(self, max_batch_size: int) -> Any:
+        """A batching engine (`inference.engine.GenerationEngine`) over this model."""
+        from inference.engine import GenerationEngine
+
+        return GenerationEngine(
+            self.model,
+            self.tokenizer,
+            max_batch_size=max_batch_size,
+            context_length=self.context_length,
+        )
+
 
 def single_token_id(tokenizer: Any, text: str) -> int | None:
     """The id of `text` when the tokenizer encodes it as exactly one token, else None."""

@@ -617,12 +617,7 @@ def build_server(
     max_request_bytes: int = 1_000_000,
 ) -> FastAPI:
     """An app serving `loaded`; start it with uvicorn (the engine starts with the app)."""
-    engine = GenerationEngine(
-        loaded.model,
-        loaded.tokenizer,
-        max_batch_size=max_batch_size,
-        context_length=loaded.context_length,
-    )
+    engine = loaded.make_engine(max_batch_size)
     server = OpenAIServer(
         loaded,
         engine,
