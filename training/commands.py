@@ -6,6 +6,7 @@ Only argparse and light modules at the top: torch and transformers load when a c
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from corral.errors import CorralError
@@ -108,5 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_train(args)
     except CorralError as exc:
-        print(f"train.py: error: {exc}", file=sys.stderr)
+        # Every process of a launch meets the same error; one of them says it.
+        if int(os.environ.get("RANK") or 0) == 0:
+            print(f"train.py: error: {exc}", file=sys.stderr)
         return 2

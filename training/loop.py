@@ -356,12 +356,32 @@ def _make_accelerator(config: TrainConfig) -> Any:
         accumulation = config.gradient_accumulation_steps
     else:
         accumulation = 1  # the loop syncs gradients itself, once per optimizer step
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision="bf16" if bf16 else "no",
         gradient_accumulation_steps=accumulation,
         # One scheduler step per optimizer step, whatever the number of processes.
         step_scheduler_with_optimizer=False,
     )
+    check_one_process_group(accelerator.num_processes)
+    return accelerator
+
+
+def check_one_process_group(joined: int) -> None:
+    """Stop when the launcher started more processes than joined one group.
+
+    On a machine without GPUs, `accelerate launch` with an FSDP, DeepSpeed or multi-GPU config
+    starts N processes that each set themselves up alone; they would train N separate copies and
+    overwrite one run directory. The launcher's WORLD_SIZE says how many it started.
+    """
+    launched = int(os.environ.get("WORLD_SIZE") or 1)
+    if launched > joined:
+        raise ConfigError(
+            f"the launcher started {launched} processes but they did not join one process group "
+            f"(each sees {joined}): FSDP, DeepSpeed and multi-GPU configs need GPUs. To rehearse "
+            f"data parallelism on CPUs: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+            f"--num_processes {launched} train.py ...; for FSDP or DeepSpeed, run on GPUs "
+            "(scripts/gpu_check.sh checks a machine first)"
+        )
 
 
 def resolve_resume(config: TrainConfig, run_dir: Path) -> Path | None:
