@@ -62,6 +62,7 @@ def _jinja_string(text: str) -> str:
     """`text` as a Jinja string literal (JSON's escapes are a subset of Jinja's)."""
     return json.dumps(text, ensure_ascii=False)
 
+
 # Stands in for the answer when a chat template is rendered to find where the answer sits.
 _CHAT_PROBE = "\u2063CORRAL-ANSWER\u2063"
 
@@ -144,8 +145,7 @@ class PromptTemplate:
         prefix, suffix = self.no_input.split("{instruction}")
         text = _jinja_string
         return (
-            ("{{- bos_token -}}" if bos_token else "")
-            + "{%- for message in messages -%}"
+            ("{{- bos_token -}}" if bos_token else "") + "{%- for message in messages -%}"
             "{%- if message['role'] in ['system', 'developer'] -%}"
             "{{- message['content'] | trim -}}{{- " + text(TURN_SEPARATOR) + " -}}"
             "{%- elif message['role'] == 'user' -%}"
@@ -240,6 +240,34 @@ def chat_template(tokenizer: Any, system_prompt: str | None = None) -> PromptTem
         chat_prefix=prefix,
         chat_infix=infix,
     )
+
+
+def single_token_id(tokenizer: Any, text: str) -> int | None:
+    """The id of `text` when the tokenizer encodes it as exactly one token, else None."""
+    if not text:
+        return None
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ids[0] if len(ids) == 1 else None
+
+
+def stop_token_ids(tokenizer: Any, template: PromptTemplate) -> tuple[int, ...]:
+    """Token ids that end an answer in `template`: EOS, and the end marker when it is one token."""
+    ids = {tokenizer.eos_token_id, single_token_id(tokenizer, template.end_marker)}
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+def stop_strings(tokenizer: Any, template: PromptTemplate) -> tuple[str, ...]:
+    """The end marker as text when it spans several tokens (Dolly's `### End`): a stop string."""
+    if single_token_id(tokenizer, template.end_marker) is not None:
+        return ()
+    return (template.end_marker,)
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts BOS before every text it encodes (LLaMA's does, SmolLM2's not)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = tokenizer("x")["input_ids"]
+    return bos is not None and bool(ids) and ids[0] == bos
 
 
 def encode_prompt(tokenizer: Any, template: PromptTemplate, text: str) -> list[int]:

@@ -14,7 +14,13 @@ from typing import Any
 
 from corral.errors import UsageError
 from corral.rundir import RunInfo, has_run_info, read_run_info
-from corral.templates import PromptTemplate, get_template
+from corral.templates import (
+    PromptTemplate,
+    get_template,
+    single_token_id,
+    stop_strings,
+    stop_token_ids,
+)
 from inference.extraction import ResponseMarkers
 
 
@@ -42,12 +48,11 @@ class LoadedModel:
 
     def stop_token_ids(self) -> tuple[int, ...]:
         """Tokens that end a templated answer: the end marker when it is one token, and EOS."""
-        ids = {self.tokenizer.eos_token_id, self.markers.end_marker_id}
-        return tuple(sorted(i for i in ids if i is not None))
+        return stop_token_ids(self.tokenizer, self.template)
 
     def stop_strings(self) -> tuple[str, ...]:
         """The end marker as text when it spans several tokens (Dolly's `### End`)."""
-        return () if self.markers.end_marker_id is not None else (self.template.end_marker,)
+        return stop_strings(self.tokenizer, self.template)
 
     def decode_keeping_special(self, ids: Any) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
@@ -62,14 +67,6 @@ class LoadedModel:
             max_batch_size=max_batch_size,
             context_length=self.context_length,
         )
-
-
-def single_token_id(tokenizer: Any, text: str) -> int | None:
-    """The id of `text` when the tokenizer encodes it as exactly one token, else None."""
-    if not text:
-        return None
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    return ids[0] if len(ids) == 1 else None
 
 
 def default_device() -> str:

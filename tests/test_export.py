@@ -103,3 +103,26 @@ def test_infer_chat_eval_and_serve_take_the_merged_folder(merged, lora_run, tmp_
     tokenizer = load_tokenizer("tiny-random")
     dolly_prompt = get_template("dolly", tokenizer).format_prompt(QUESTIONS[0])
     assert reply.usage.prompt_tokens == len(tokenizer(dolly_prompt)["input_ids"])
+
+
+def test_the_export_carries_its_format_for_other_engines(merged):
+    """Plain transformers, knowing nothing of Corral, prompts the export as it was trained and
+    stops where training taught it to."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from corral.templates import get_template
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    template = get_template("dolly", tokenizer)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a color."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another one?"},
+    ]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == template.format_conversation(messages)
+    assert (merged / "chat_template.jinja").is_file()
+    generation = GenerationConfig.from_pretrained(merged)
+    # Dolly's `### End` spans tokens: EOS is the stop token, the marker a stop string.
+    assert generation.eos_token_id == [tokenizer.eos_token_id]

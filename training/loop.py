@@ -42,6 +42,7 @@ from training.data import (
     split_validation,
     tokenize_records,
 )
+from training.export import carry_template_for_engines
 from training.metrics import MetricsLogger
 
 
@@ -602,6 +603,12 @@ def save_final(run: TrainingRun) -> None:
         state_dict = accelerator.get_state_dict(run.model)  # gathers the shards on the main process
     unwrapped = accelerator.unwrap_model(run.model)
     if accelerator.is_main_process:
+        # An adapter run carries the chat template too: vLLM serves a LoRA module with the base's
+        # tokenizer, and takes this folder's template with --chat-template RUN/chat_template.jinja.
+        full_weights = run.config.method == "full"
+        carry_template_for_engines(
+            run.tokenizer, run.template, unwrapped.generation_config if full_weights else None
+        )
         unwrapped.save_pretrained(run.run_dir, state_dict=state_dict, safe_serialization=True)
         run.tokenizer.save_pretrained(run.run_dir)
         info = run_info_for_training(
