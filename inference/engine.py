@@ -98,8 +98,12 @@ class _Sequence:
     submitted_at: float
     generated: list[int] = field(default_factory=list)
     text_parts: list[str] = field(default_factory=list)
-    position: int = 0  # position id of the next token fed to the model
     first_token_at: float | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens in the sequence so far: the prompt and every generated token."""
+        return len(self.prompt_ids) + len(self.generated)
 
 
 class GenerationEngine:
@@ -305,7 +309,6 @@ class GenerationEngine:
             n = len(sequence.prompt_ids)
             input_ids[row, longest - n :] = torch.tensor(sequence.prompt_ids)
             mask[row, longest - n :] = 1
-            sequence.position = n
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         output = self.model(
@@ -323,7 +326,8 @@ class GenerationEngine:
 
     def _decode_step(self) -> None:
         last = torch.tensor([[s.generated[-1]] for s in self._active], device=self.device)
-        positions = torch.tensor([[s.position] for s in self._active], device=self.device)
+        # The last generated token sits right after the prompt and the tokens before it.
+        positions = torch.tensor([[s.length - 1] for s in self._active], device=self.device)
         ones = torch.ones((len(self._active), 1), dtype=self._mask.dtype, device=self.device)
         self._mask = torch.cat([self._mask, ones], dim=1)
         output = self.model(
@@ -391,7 +395,6 @@ class GenerationEngine:
             if sequence.first_token_at is None:
                 sequence.first_token_at = now
             sequence.generated.append(token)
-            sequence.position += 1
             self.stats.generated_tokens += 1
             reason = self._consume(sequence, token)
             if reason is not None:
@@ -412,7 +415,7 @@ class GenerationEngine:
             return "stop"
         if (
             len(sequence.generated) >= params.max_new_tokens
-            or sequence.position >= self.context_length
+            or sequence.length >= self.context_length
         ):
             self._emit(sequence, self._drain(sequence))
             return "stop" if matcher.stopped else "length"
