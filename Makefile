@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.corral-installed
 
-.PHONY: install demo test test-all lint format browser clean
+.PHONY: install demo test test-vllm vllm-env lint format browser clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,14 @@ demo: install
 
 test: install browser
 	$(VENV)/bin/pytest -q
+
+# vLLM's CPU build lives in its own environment (it pins an older transformers than Corral's).
+VLLM_VENV ?= .venv-vllm
+vllm-env:
+	scripts/setup_vllm_env.sh $(VLLM_VENV)
+
+test-vllm: install vllm-env
+	$(VENV)/bin/pytest -q -m vllm
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -109,3 +109,63 @@ def app_on_a_thread(app: Any, *, timeout: float = 60.0) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+# ---------------------------------------------------------------------------- vLLM (CPU build)
+
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+# fp32 (vLLM's default casts to bf16 on CPU, which moves logprobs by ~0.1), eager (compiling costs
+# a minute of start-up and gains nothing here), and an explicit KV-cache size (vLLM otherwise sizes
+# it from NUMA node 0, which reports half of this machine's memory, and refuses to start).
+VLLM_FLAGS = (
+    "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+    "--kv-cache-memory-bytes", "256M",
+)  # fmt: skip
+
+
+def vllm_missing() -> str | None:
+    """Why vLLM tests cannot run here, or None when its environment is built."""
+    if not VLLM_PYTHON.is_file():
+        return f"no vLLM environment at {VLLM_PYTHON.parent.parent} (build it: make vllm-env)"
+    return None
+
+
+@contextlib.contextmanager
+def vllm_server(model: str | Path, *args: str, timeout: float = 300.0) -> Iterator[str]:
+    """Serve `model` with vLLM's OpenAI-compatible server on 127.0.0.1; yield its base URL."""
+    import signal
+    import tempfile
+
+    port = free_port()
+    log = tempfile.NamedTemporaryFile("w+", prefix="vllm-", suffix=".log", delete=False)  # noqa: SIM115
+    process = subprocess.Popen(
+        [
+            str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+            "--host", "127.0.0.1", "--port", str(port), *VLLM_FLAGS, *args,
+        ],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # vLLM runs three processes: stop the whole group
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+
+    def exited() -> str | None:
+        if process.poll() is None:
+            return None
+        log.seek(0)
+        return f"vLLM exited with {process.returncode}: {log.read()[-3000:]}"
+
+    try:
+        wait_until(lambda: is_healthy(base), timeout=timeout, what="vLLM server", alive=exited)
+        yield base
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+        os.unlink(log.name)

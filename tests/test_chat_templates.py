@@ -23,8 +23,9 @@ def conversations():
     """Any mix of roles and texts (braces, quotes, markers, unicode), ending with a user turn."""
     return st.lists(turn, max_size=6).flatmap(
         lambda turns: text.map(
-            lambda last: [{"role": r, "content": c} for r, c in turns]
-            + [{"role": "user", "content": last}]
+            lambda last: (
+                [{"role": r, "content": c} for r, c in turns] + [{"role": "user", "content": last}]
+            )
         )
     )
 
