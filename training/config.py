@@ -18,7 +18,11 @@ class TrainConfig:
     # ---- data
     data: str = field(
         default="",
-        metadata={"help": "Alpaca JSON/JSONL file, a `datasets` folder, or a `datasets` hub id"},
+        metadata={
+            "help": "Alpaca JSON/JSONL file, a `datasets` folder, or a `datasets` hub id (in a "
+            "preset, a relative path is found beside the preset first)",
+            "input_path": True,
+        },
     )
     data_split: str = field(
         default="train", metadata={"help": "split to read when `data` is a datasets id or folder"}
@@ -108,6 +112,13 @@ class TrainConfig:
     seed: int = field(default=42, metadata={"help": "seed for shuffling, splits, init and dropout"})
     # ---- run directory, logging, checkpoints
     output_dir: str = field(default="runs/corral", metadata={"help": "the run directory"})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "train into an output_dir that holds a finished run or other files, "
+            "replacing its run (default: refuse; resume=auto continues an interrupted run)"
+        },
+    )
     logging_steps: int = field(default=1, metadata={"help": "log metrics every N steps"})
     eval_steps: int = field(
         default=0, metadata={"help": "evaluate every N steps (0: at the end only)"}
@@ -129,12 +140,30 @@ class TrainConfig:
     wandb_project: str = field(default="corral", metadata={"help": "W&B project name"})
 
     def __post_init__(self) -> None:
-        positive = ("max_length", "micro_batch_size", "gradient_accumulation_steps", "lora_r")
-        for name in positive:
+        # Checked here, before any model loads: a bad value fails in a second with the key named,
+        # not minutes later inside torch or peft.
+        at_least_one = (
+            "max_length", "micro_batch_size", "gradient_accumulation_steps", "lora_r",
+            "lora_alpha", "logging_steps",
+        )  # fmt: skip
+        for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ConfigError(f"key '{name}': must be at least 1, got {getattr(self, name)}")
-        if self.epochs <= 0 and self.max_steps <= 0:
+        not_negative = (
+            "epochs", "max_steps", "max_tokens_per_forward", "weight_decay", "warmup_steps",
+            "max_grad_norm", "eval_steps", "save_steps", "save_total_limit",
+        )  # fmt: skip
+        for name in not_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"key '{name}': must be 0 or more, got {getattr(self, name)}")
+        if self.epochs == 0 and self.max_steps == 0:
             raise ConfigError("set epochs > 0 or max_steps > 0")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"key 'learning_rate': must be above 0, got {self.learning_rate}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"key 'lora_dropout': must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_target_modules:
+            raise ConfigError("key 'lora_target_modules': name at least one module, or all-linear")
         if self.val_size < 0:
             raise ConfigError(f"key 'val_size': must be >= 0, got {self.val_size}")
         if self.val_size >= 1 and not float(self.val_size).is_integer():

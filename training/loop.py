@@ -17,16 +17,27 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from corral.config import config_to_yaml, save_config
-from corral.errors import ConfigError, RecordError
-from corral.fileio import atomic_write_text
-from corral.rundir import CONFIG_FILE, SUMMARY_FILE, run_info_for_training, write_run_info
+from corral.errors import ConfigError, CorralError, RecordError, UsageError
+from corral.fileio import atomic_write_text, check_output_path, exclusive_output
+from corral.rundir import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    RUN_INFO_FILE,
+    SUMMARY_FILE,
+    has_run_info,
+    run_info_for_training,
+    write_run_info,
+)
 from training.checkpoint import (
     latest_checkpoint,
     read_trainer_state,
@@ -160,9 +171,15 @@ class Throughput:
 
 def train(config: TrainConfig) -> Path:
     """Train as `config` says and return the run directory (its contents: corral/rundir.py)."""
+    accelerator = _make_accelerator(config)
+    with claim_run_dir(config, accelerator):
+        return _train(setup(config, accelerator))
+
+
+def _train(run: TrainingRun) -> Path:
     from tqdm.auto import tqdm
 
-    run = setup(config)
+    config = run.config
     main = run.accelerator.is_main_process
     resumed = run.resumed_from is not None
     metrics = MetricsLogger(
@@ -209,16 +226,85 @@ def train(config: TrainConfig) -> Path:
 # ------------------------------------------------------------------------------ setup
 
 
-def setup(config: TrainConfig) -> TrainingRun:
-    """Accelerator, data, step plan, model, optimizer, schedule; resumed when asked."""
+# Files a run writes before its first checkpoint: a folder holding only these is an interrupted start.
+RUN_START_FILES = {CONFIG_FILE, METRICS_FILE, "tensorboard", CHECKPOINTS_DIR}
+
+
+@contextlib.contextmanager
+def claim_run_dir(config: TrainConfig, accelerator: Any) -> Iterator[None]:
+    """One launch at a time writes a run directory, and never over a finished run unless asked.
+
+    The main process checks and locks the folder; every process learns the verdict before any of
+    them does work, so a refused launch stops whole instead of hanging in a collective.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    run_dir = Path(config.output_dir)
+    with contextlib.ExitStack() as held:
+        refusal: CorralError | None = None
+        if accelerator.is_main_process:
+            try:
+                check_output_path(run_dir, folder=True, what="output_dir")
+                held.enter_context(exclusive_output(run_dir, what="run directory"))
+                prepare_run_dir(config, run_dir)
+            except CorralError as exc:
+                refusal = exc
+        verdict = [None if refusal is None else str(refusal)]
+        broadcast_object_list(verdict, from_process=0)
+        if refusal is not None:
+            raise refusal
+        if verdict[0] is not None:
+            raise UsageError(verdict[0])
+        yield
+
+
+def prepare_run_dir(config: TrainConfig, run_dir: Path) -> None:
+    """Refuse an output_dir that holds another run or other files, unless asked to replace it."""
+    if not run_dir.exists():
+        return
+    if latest_checkpoint(run_dir) is not None:
+        if config.resume:
+            return  # continue it
+        if not config.overwrite_output_dir:
+            raise ConfigError(
+                f"{run_dir} holds checkpoints of an earlier run: set resume=auto to continue it, "
+                "overwrite_output_dir=true to replace it, or choose another output_dir"
+            )
+    else:
+        found = sorted(e.name for e in run_dir.iterdir() if not e.name.startswith("."))
+        if not set(found) - RUN_START_FILES:
+            return  # empty, or a run stopped before its first checkpoint: start it afresh
+        if not config.overwrite_output_dir:
+            what = "a finished run" if has_run_info(run_dir) else "other files"
+            raise ConfigError(
+                f"{run_dir} holds {what} ({', '.join(found[:5])}"
+                f"{', ...' if len(found) > 5 else ''}): choose another output_dir, or set "
+                "overwrite_output_dir=true to replace it"
+            )
+    # Replacing: the earlier run's record and checkpoints go; its weights are overwritten.
+    for name in (CHECKPOINTS_DIR, RUN_INFO_FILE, SUMMARY_FILE, METRICS_FILE):
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def setup(config: TrainConfig, accelerator: Any) -> TrainingRun:
+    """Data, step plan, model, optimizer, schedule; resumed when asked."""
     import torch
     from accelerate.utils import set_seed
 
     from corral.models import load_tokenizer, quiet_transformers
     from corral.templates import get_template
-    from training.model import build_model, build_optimizer, build_scheduler, count_parameters
+    from training.model import (
+        build_model,
+        build_optimizer,
+        build_scheduler,
+        check_target_modules,
+        count_parameters,
+    )
 
-    accelerator = _make_accelerator(config)
     say = accelerator.print
     run_dir = Path(config.output_dir)
     say(f"corral train: resolved config\n{config_to_yaml(config)}")
@@ -233,11 +319,7 @@ def setup(config: TrainConfig) -> TrainingRun:
     lengths = [len(e) for e in train_examples]
     steps_per_epoch = count_steps_per_epoch(config, lengths, accelerator.num_processes)
     total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
-    if not config.resume and latest_checkpoint(run_dir) is not None:
-        raise ConfigError(
-            f"{run_dir} holds checkpoints of an earlier run: set resume=auto to continue it, "
-            "or choose another output_dir"
-        )
+    check_target_modules(config)
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from corral.errors import ConfigError
 from corral.models import load_model
 from training.config import TrainConfig
 
@@ -28,6 +29,37 @@ def lora_target_modules(config: TrainConfig) -> list[str] | str:
     if [m.lower() for m in config.lora_target_modules] == ["all-linear"]:
         return "all-linear"
     return list(config.lora_target_modules)
+
+
+def check_target_modules(config: TrainConfig) -> None:
+    """Every name in lora_target_modules must be a linear layer of the base's architecture.
+
+    Checked on the architecture alone (built on the meta device, no weights read), so a typo stops
+    the run in a second with the names that exist, not after loading gigabytes inside peft.
+    """
+    if config.method == "full" or lora_target_modules(config) == "all-linear":
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from corral.models import resolve_model
+
+    architecture = AutoConfig.from_pretrained(resolve_model(config.model))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(architecture)
+    linear = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in skeleton.named_modules()
+            if isinstance(module, torch.nn.Linear) and name != "lm_head"
+        }
+    )
+    unknown = [m for m in config.lora_target_modules if m not in linear]
+    if unknown:
+        raise ConfigError(
+            f"key 'lora_target_modules': {', '.join(map(repr, unknown))} is not a linear layer of "
+            f"{config.model}; choose from {', '.join(linear)} or all-linear"
+        )
 
 
 def build_model(config: TrainConfig, tokenizer: Any, *, local_process_index: int) -> Any:
