@@ -62,6 +62,10 @@ def iter_json_objects(path: str | os.PathLike) -> Iterator[tuple[dict[str, Any],
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecordError(path, "file not found") from None
+    except IsADirectoryError:
+        raise RecordError(path, "is a directory; expected a JSON or JSONL file") from None
+    except OSError as exc:
+        raise RecordError(path, f"cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise RecordError(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not text.strip():

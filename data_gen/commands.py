@@ -120,11 +120,19 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_dedup(args: argparse.Namespace) -> int:
     from corral.errors import UsageError
-    from corral.records import read_alpaca, write_alpaca
-    from corral.rouge import RougeNoveltyIndex
+    from corral.fileio import check_output_path, exclusive_output
 
     if not 0.0 <= args.threshold <= 1.0:
         raise UsageError(f"--threshold must be within [0, 1], got {args.threshold}")
+    check_output_path(args.output, inputs=(args.input,))
+    with exclusive_output(args.output):
+        return _dedup(args)
+
+
+def _dedup(args: argparse.Namespace) -> int:
+    from corral.records import read_alpaca, write_alpaca
+    from corral.rouge import RougeNoveltyIndex
+
     records = read_alpaca(args.input, require_output=False)
     index = RougeNoveltyIndex(args.threshold)
     kept = []

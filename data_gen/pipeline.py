@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.config import config_to_dict
-from corral.fileio import atomic_write_text
+from corral.fileio import atomic_write_text, check_output_path, exclusive_output
 from corral.records import SeedTask, read_seed_tasks, write_alpaca
 from corral.rouge import RougeNoveltyIndex
 from data_gen import filters, parsers, prompts
@@ -62,7 +62,7 @@ def build_teacher(config: GenerateConfig) -> Any:
     from data_gen.teachers import LocalTeacher, OpenAICompatibleTeacher
 
     if config.teacher == "openai":
-        return OpenAICompatibleTeacher(
+        teacher = OpenAICompatibleTeacher(
             config.model,
             base_url=config.base_url or None,
             api=config.api,
@@ -75,6 +75,12 @@ def build_teacher(config: GenerateConfig) -> Any:
             price_per_1k_prompt_tokens=config.price_per_1k_prompt_tokens,
             price_per_1k_completion_tokens=config.price_per_1k_completion_tokens,
         )
+        try:
+            teacher.check_reachable()  # before the first paid request, not after 50 rounds
+        except BaseException:
+            teacher.close()
+            raise
+        return teacher
     return LocalTeacher(
         config.model,
         api=config.api,
@@ -325,17 +331,45 @@ def generate_dataset(
     """Run (or resume) a generation and write the Alpaca JSON and its manifest.
 
     `teacher` may be passed in (any object with `complete(prompts, SamplingParams)`, `stats`,
-    `describe()`); otherwise it is built from the config, and only if work remains.
+    `describe()`); otherwise it is built from the config, and only if work remains. The outputs
+    are checked before anything else (none may be the seed file, each must be writable), and one
+    process at a time runs a given output.
     """
+    output_path = run_paths(config.output)[0]
+    for path in run_paths(config.output):
+        check_output_path(path, inputs=(config.seed_tasks_path(),))
+    with exclusive_output(output_path, what="dataset"):
+        return _generate(config, teacher, progress, log, overwrite)
+
+
+def _generate(
+    config: GenerateConfig,
+    teacher: Any,
+    progress: bool,
+    log: Callable[[str], None] | None,
+    overwrite: bool,
+) -> GenerationResult:
     log = log or (lambda text: print(text, file=sys.stderr))
     started = time.monotonic()
     seeds, seeds_info = load_seeds(config)
     output_path, journal_path, manifest_path = run_paths(config.output)
-    if overwrite:
-        for path in (journal_path, manifest_path, output_path):
-            path.unlink(missing_ok=True)
-    journal = Journal(journal_path)
-    state = journal.open(run_fingerprint(config, seeds_info))
+    fresh = overwrite or not journal_path.exists()
+    own_teacher = teacher is None
+    if own_teacher and fresh:
+        # A new run needs the teacher: reach it before deleting or creating any file.
+        teacher = build_teacher(config)
+    try:
+        if overwrite:
+            for path in (journal_path, manifest_path, output_path):
+                path.unlink(missing_ok=True)
+        journal = Journal(journal_path)
+        state = journal.open(run_fingerprint(config, seeds_info))
+        if own_teacher and teacher is None and len(state.tasks) < config.num_instructions:
+            teacher = build_teacher(config)  # a resumed run that still has work to do
+    except BaseException:
+        if own_teacher and teacher is not None:
+            teacher.close()
+        raise
     target = config.num_instructions
     tasks = state.tasks
     previous = state.last_commit
@@ -345,9 +379,6 @@ def generate_dataset(
         log(f"resuming {journal_path}: {len(tasks)} of {target} instructions already kept")
 
     work_to_do = len(tasks) < target
-    own_teacher = teacher is None and work_to_do
-    if own_teacher:
-        teacher = build_teacher(config)
     teacher_stats = previous.get("teacher", {})
     teacher_info = teacher_identity(config)
     candidates = int(previous.get("candidates", 0))
@@ -459,10 +490,12 @@ def _run_rounds(
             )
             seconds = max(time.monotonic() - started, 1e-9)
             rate = (gen.teacher.stats.requests - requests_at_start) / seconds
+            failed = sum(gen.teacher.stats.errors.values())
             bar.set_postfix(
                 kept=len(tasks),
                 dropped=sum(gen.drops.values()),
                 req_s=f"{rate:.1f}" if rate >= 10 else f"{rate:.2f}",
+                **({"errors": failed} if failed else {}),
                 refresh=False,
             )
             bar.update(len(accepted))

@@ -176,15 +176,41 @@ class OpenAICompatibleTeacher(_CountsUsage):
         # from one batch to the next.
         self._loop = asyncio.new_event_loop()
         self._client = None
+        # Requests that gave up on connection errors since the last success: a teacher that went
+        # away stops the run instead of failing every remaining request one by one.
+        self._unreachable_in_a_row = 0
 
     def describe(self) -> dict[str, Any]:
         return {
             "kind": "openai-compatible",
             "model": self.model,
-            "base_url": self.base_url or "https://api.openai.com/v1",
+            "base_url": self.endpoint(),
             "api": self.api,
             "concurrency": self.concurrency,
         }
+
+    def endpoint(self) -> str:
+        return self.base_url or "https://api.openai.com/v1"
+
+    def check_reachable(self) -> None:
+        """One cheap request (the model list) before any paid work: fail fast with the URL."""
+        self._loop.run_until_complete(self._check_reachable())
+
+    async def _check_reachable(self) -> None:
+        import openai
+
+        client = self._get_client()
+        try:
+            await client.models.list(timeout=min(self.timeout, 15.0))
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+            raise TeacherError(f"the teacher endpoint refused the key: {_short(exc)}") from None
+        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+            raise TeacherError(
+                f"cannot reach the teacher at {self.endpoint()}: {_short(exc)}; is the server "
+                "running, and is --base-url right (it usually ends in /v1)?"
+            ) from None
+        except openai.APIStatusError:
+            pass  # it answered: some servers have no model list, which is fine
 
     def _get_client(self):
         if self._client is None:
@@ -219,7 +245,15 @@ class OpenAICompatibleTeacher(_CountsUsage):
             async with semaphore:
                 return await self._request_with_retries(client, prompt, params)
 
-        return list(await asyncio.gather(*(one(p) for p in prompts)))
+        tasks = [asyncio.ensure_future(one(p)) for p in prompts]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            # The run stops (a refused key, a teacher gone): the requests still out stop too.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
 
     async def _request_with_retries(
         self, client: Any, prompt: str, params: SamplingParams
@@ -261,6 +295,7 @@ class OpenAICompatibleTeacher(_CountsUsage):
             ):
                 error = "malformed_reply"
             else:
+                self._unreachable_in_a_row = 0
                 self.stats.completions += 1
                 self.stats.prompt_tokens += completion.prompt_tokens
                 self.stats.completion_tokens += completion.completion_tokens
@@ -272,6 +307,7 @@ class OpenAICompatibleTeacher(_CountsUsage):
             self.stats.errors[error] = self.stats.errors.get(error, 0) + 1
             if attempt >= self.max_retries:
                 self.stats.failed_requests += 1
+                self._give_up_if_gone(error)
                 return FailedRequest(f"{error} after {attempt + 1} attempts")
             self.stats.retries += 1
             await asyncio.sleep(
@@ -284,6 +320,17 @@ class OpenAICompatibleTeacher(_CountsUsage):
                 )
             )
             attempt += 1
+
+    def _give_up_if_gone(self, error: str) -> None:
+        if error not in ("connection", "timeout"):
+            return
+        self._unreachable_in_a_row += 1
+        if self._unreachable_in_a_row >= max(3, self.concurrency):
+            raise TeacherError(
+                f"lost the teacher at {self.endpoint()}: {self._unreachable_in_a_row} requests in a "
+                f"row failed ({error}) after {self.max_retries} retries each. What was kept is "
+                "journaled: re-run the same command once the server is back to resume"
+            )
 
     async def _request(self, client: Any, prompt: str, params: SamplingParams) -> Completion:
         import httpx2

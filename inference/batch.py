@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.errors import UsageError
+from corral.fileio import check_output_path, exclusive_output
 from corral.records import read_alpaca, write_alpaca
 from inference.engine import GenerationEvent, GenerationResult
 from inference.generation import answer_from_result, record_prompt
@@ -99,12 +100,24 @@ def run_batch_inference(
     the next as soon as one finishes (continuous batching), so a short answer never waits for the
     longest answer of a fixed chunk. Each answer is appended to the partial file as it finishes.
     """
+    input_path, output_path = Path(input_path), Path(output_path)
+    check_output_path(output_path, inputs=(input_path,))
+    check_output_path(partial_path(output_path), inputs=(input_path,), what="progress file")
+    with exclusive_output(output_path):
+        return _answer_file(loaded, input_path, output_path, params, batch_size, progress)
+
+
+def _answer_file(
+    loaded: LoadedModel,
+    input_path: Path,
+    output_path: Path,
+    params: SamplingParams,
+    batch_size: int,
+    progress: bool,
+) -> BatchSummary:
     from tqdm import tqdm
 
     started = time.monotonic()
-    input_path, output_path = Path(input_path), Path(output_path)
-    if input_path.resolve() == output_path.resolve():
-        raise UsageError(f"{output_path}: the output must not overwrite the input file")
     records = read_alpaca(input_path, require_output=False)
     header = {
         "corral_partial": 1,

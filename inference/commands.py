@@ -133,12 +133,15 @@ def _check_sampling(args: argparse.Namespace) -> None:
 def run_infer(args: argparse.Namespace) -> int:
     _prefer_passive_threads()
     from corral.errors import UsageError
+    from corral.fileio import check_output_path
     from corral.records import read_alpaca
 
     _check_sampling(args)
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
-    read_alpaca(args.input, require_output=False)  # bad input fails before torch even loads
+    # Bad input, or an output that cannot be written, fails before torch even loads.
+    read_alpaca(args.input, require_output=False)
+    check_output_path(args.output, inputs=(args.input,))
     from inference.batch import run_batch_inference
 
     loaded = _load(args)
