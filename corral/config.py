@@ -1,7 +1,8 @@
 """Dataclass configs: YAML presets plus `key=value` overrides, resolved and saved with each run.
 
 A stage's config is a dataclass whose fields carry a one-line `help` in their metadata. A preset
-YAML may set any of them; `key=value` overrides come last and win. Unknown keys are errors naming
+YAML may set any of them; `key=value` overrides come last and win. A relative input path in a
+preset is looked up beside the preset first; on the command line, in the current directory. Unknown keys are errors naming
 the file (or the override) and the key, so a typo never silently falls back to a default.
 """
 
@@ -122,6 +123,21 @@ def _apply(
         out[key] = _coerce(value, hints[key], source, key)
 
 
+def _beside_preset(data: dict[str, Any], cls: type, folder: Path) -> dict[str, Any]:
+    """A preset's relative input paths (fields marked `input_path`) are found beside the preset
+    when they exist there, so a preset and its data travel together; otherwise they stay as
+    written (relative to the current directory, or a hub id)."""
+    inputs = {f.name for f in dataclasses.fields(cls) if f.metadata.get("input_path")}
+    resolved = dict(data)
+    for key in inputs & set(data):
+        value = data[key]
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            candidate = folder / value
+            if candidate.exists():
+                resolved[key] = str(candidate)
+    return resolved
+
+
 def load_config(
     cls: type[ConfigT],
     path: str | os.PathLike | None = None,
@@ -141,7 +157,7 @@ def load_config(
             raise ConfigError(f"{path}: invalid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of key: value")
-        _apply(data, cls, str(path), hints, values)
+        _apply(_beside_preset(data, cls, path.parent), cls, str(path), hints, values)
     _apply({k: v for k, v in explicit.items() if v is not None}, cls, "command line", hints, values)
     for text in overrides:
         key, value = parse_override(text)

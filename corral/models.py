@@ -19,11 +19,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from corral.errors import ModelNotFoundError
+from corral.fileio import temporary_folder_beside
 
 EMBEDDED_NAME = "embedded"
 TINY_RANDOM_NAME = "tiny-random"
@@ -61,8 +61,7 @@ def _build_atomically(target: Path, build) -> Path:
     """Run `build(tmp_dir)` and rename the result to `target`; a concurrent winner is kept."""
     if _is_complete(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = temporary_folder_beside(target)
     try:
         build(tmp)
         (tmp / _COMPLETE_MARKER).write_text("ok\n")

@@ -181,9 +181,42 @@ def _check_weights(folder: Path, info: RunInfo) -> None:
         for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
             if not (folder / name).is_file():
                 raise RunDirError(f"{folder}: {name} is missing; did the run finish?")
-    elif not (folder / MODEL_CONFIG_FILE).is_file():
-        what = "full fine-tune" if info.kind == "full" else "merged export"
+        check_safetensors(folder / ADAPTER_WEIGHTS_FILE)
+        return
+    what = "full fine-tune" if info.kind == "full" else "merged export"
+    if not (folder / MODEL_CONFIG_FILE).is_file():
         raise RunDirError(f"{folder}: {MODEL_CONFIG_FILE} of the {what} is missing")
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise RunDirError(f"{folder}: no *.safetensors weights of the {what}")
+    for path in weights:
+        check_safetensors(path)
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file is whole: its header parses and every tensor lies inside the file.
+
+    Read from the header alone (8 bytes of length, then JSON), so a file cut short by a crash or a
+    full disk is named here, in one line, instead of failing deep inside a loader.
+    """
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if size < 8 or length > size - 8:
+                raise ValueError("the header is cut off")
+            header = json.loads(handle.read(length))
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
+        raise RunDirError(f"{path}: not a whole safetensors file ({exc})") from None
+    if 8 + length + end > size:
+        raise RunDirError(
+            f"{path}: truncated ({size} bytes, its header describes {8 + length + end}); was the "
+            "run or copy interrupted?"
+        )
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -31,9 +31,13 @@ class GenerateConfig:
     )
     seed_tasks: str = field(
         default="",
-        metadata=_help(
-            "seed tasks: Self-Instruct JSONL or Alpaca records; empty = Corral's own set"
-        ),
+        metadata={
+            **_help(
+                "seed tasks: Self-Instruct JSONL or Alpaca records; empty = Corral's own set (in "
+                "a preset, a relative path is found beside the preset first)"
+            ),
+            "input_path": True,
+        },
     )
     num_instructions: int = field(
         default=100, metadata=_help("stop when this many new instructions are kept")

@@ -194,3 +194,33 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
     atomic_write_text(tmp_path / "out.json", json.dumps({"ok": True}))
     assert not leftover.exists() and mine.exists()
     assert json.loads((tmp_path / "out.json").read_text()) == {"ok": True}
+
+
+def test_a_built_folder_gets_a_plain_mkdirs_permissions(tmp_path):
+    from corral.fileio import temporary_folder_beside
+
+    previous = os.umask(0o022)
+    try:
+        folder = temporary_folder_beside(tmp_path / "export")
+        plain = tmp_path / "plain"
+        plain.mkdir()
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(folder.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o755
+
+
+def test_a_truncated_adapter_is_one_line_for_infer_and_export(lora_run, tmp_path, capsys, data):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    weights = run / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    for argv in (
+        ["infer", "--run", str(run), "--input", str(data), "--output", str(tmp_path / "a.json")],
+        ["export", str(run), "--merge", str(tmp_path / "merged")],
+    ):
+        assert corral_main(argv) == 2
+        err = capsys.readouterr().err
+        assert "adapter_model.safetensors: truncated" in err and "Traceback" not in err
+    assert not (tmp_path / "merged").exists()

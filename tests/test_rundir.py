@@ -18,6 +18,14 @@ from corral.rundir import (
 from corral.templates import dolly_template
 
 
+def _weights(path):
+    """A real (tiny) safetensors file."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({"weight": np.arange(6, dtype=np.float32)}, str(path))
+
+
 def _adapter_run(folder, method="lora"):
     info = run_info_for_training(
         base_model="tiny-random",
@@ -30,9 +38,10 @@ def _adapter_run(folder, method="lora"):
     write_run_info(folder, info)
     if info.kind == "adapter":
         (folder / "adapter_config.json").write_text("{}")
-        (folder / "adapter_model.safetensors").write_bytes(b"")
+        _weights(folder / "adapter_model.safetensors")
     else:
         (folder / "config.json").write_text("{}")
+        _weights(folder / "model.safetensors")
     return info
 
 
@@ -67,6 +76,9 @@ def test_merged_export_records_its_source_and_needs_model_weights(tmp_path):
     with pytest.raises(RunDirError, match="config.json of the merged export is missing"):
         read_run_info(out)
     (out / "config.json").write_text("{}")
+    with pytest.raises(RunDirError, match="no \\*.safetensors weights of the merged export"):
+        read_run_info(out)
+    _weights(out / "model.safetensors")
     read = read_run_info(out)
     assert (read.kind, read.method, read.template) == ("merged", "lora", "dolly")
     assert read.merged_from == str(run.resolve())
@@ -75,6 +87,7 @@ def test_merged_export_records_its_source_and_needs_model_weights(tmp_path):
 def test_records_from_before_kind_existed_are_understood(tmp_path):
     """Early merged exports said method 'merged'; early runs had no kind at all."""
     (tmp_path / "config.json").write_text("{}")
+    _weights(tmp_path / "model.safetensors")
     (tmp_path / RUN_INFO_FILE).write_text(
         json.dumps({"base_model": "x", "method": "merged", "template": "alpaca"})
     )
@@ -93,6 +106,16 @@ def test_an_unfinished_adapter_run_is_named(tmp_path):
     ):
         read_run_info(tmp_path)
     assert read_run_info(tmp_path, check_files=False).kind == "adapter"
+
+
+@pytest.mark.parametrize("keep", [4, 40, -3])
+def test_truncated_weights_are_named_before_any_loader_sees_them(tmp_path, keep):
+    _adapter_run(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:keep])
+    with pytest.raises(RunDirError, match="adapter_model.safetensors: (truncated|not a whole)"):
+        read_run_info(tmp_path)
 
 
 @pytest.mark.parametrize(

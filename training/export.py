@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from corral.errors import UsageError
+from corral.fileio import check_output_path, temporary_folder_beside
 from corral.rundir import read_run_info, write_run_info
 from corral.templates import PromptTemplate, adds_bos, get_template, stop_token_ids
 
@@ -52,6 +52,7 @@ def merge_run(
         raise UsageError(
             f"{run}: a {info.kind} model folder has no adapter to merge; load the folder directly"
         )
+    check_output_path(out, inputs=(run,), what="export", folder=True)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out}: exists and is not empty; choose a new folder")
 
@@ -70,8 +71,7 @@ def merge_run(
     info.check_template(template, run)
     carry_template_for_engines(tokenizer, template, merged.generation_config)
     # Build beside the target and rename, so OUT is either absent or complete.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temporary_folder_beside(out)
     try:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
