@@ -63,6 +63,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="discard an existing journal and output instead of resuming",
     )
     gen.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    gen.add_argument(
+        "--estimate",
+        action="store_true",
+        help="send a few probe requests and print the run's requests, tokens, time and cost "
+        "(saved as OUTPUT.estimate.json; the run's manifest later sets the actual figures beside "
+        "it); generates nothing",
+    )
+    gen.add_argument(
+        "--estimate-probes", type=int, default=4, metavar="N", help="probe requests (default 4)"
+    )
     gen.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     gen.set_defaults(func=run_generate)
 
@@ -105,6 +115,8 @@ def run_generate(args: argparse.Namespace) -> int:
         api=args.api,
         concurrency=args.concurrency,
     )
+    if args.estimate:
+        return _estimate(config, args.estimate_probes)
     try:
         result = generate_dataset(config, progress=args.progress, overwrite=args.overwrite)
     except FingerprintMismatch as exc:
@@ -115,6 +127,28 @@ def run_generate(args: argparse.Namespace) -> int:
     except (TeacherError, GenerationError) as exc:
         raise UsageError(str(exc)) from None
     print(format_summary(result))
+    return 0
+
+
+def _estimate(config, probes: int) -> int:
+    import json
+
+    from corral.errors import UsageError
+    from corral.fileio import atomic_write_text, check_output_path
+    from data_gen.manifest import estimate_path
+    from data_gen.pipeline import estimate_generation, format_estimate
+    from data_gen.teachers import TeacherError
+
+    if probes < 1:
+        raise UsageError("--estimate-probes must be at least 1")
+    path = check_output_path(estimate_path(config.output), inputs=(config.seed_tasks_path(),))
+    try:
+        estimate = estimate_generation(config, probes=probes)
+    except TeacherError as exc:
+        raise UsageError(str(exc)) from None
+    atomic_write_text(path, json.dumps(estimate, indent=2) + "\n")
+    print(format_estimate(estimate))
+    print(f"estimate written to {path}")
     return 0
 
 

@@ -7,7 +7,9 @@ journal) and `x.manifest.json`:
      "teacher": {kind, model, ...},
      "counts": {instructions, records, candidates, dropped: {reason: n}, classification_instructions},
      "requests", "retries", "failed_requests", "request_errors": {error: n},
-     "tokens": {prompt, completion}, "cost_usd", "duration_s", "resumed", "config": {...}}
+     "tokens": {prompt, completion}, "cost_usd", "duration_s", "resumed", "config": {...},
+     "estimate": {requests|prompt_tokens|completion_tokens|wall_seconds|cost_usd:
+                  {estimated, actual}}   (only when `--estimate` ran before)}
 
 `corral report` reads it through `read_manifest`, so the reader and the writer share one format.
 """
@@ -29,6 +31,21 @@ def run_paths(output: str | os.PathLike) -> tuple[Path, Path, Path]:
     return output, Path(f"{stem}.journal.jsonl"), Path(f"{stem}.manifest.json")
 
 
+def estimate_path(output: str | os.PathLike) -> Path:
+    """`x.estimate.json`: what `corral generate --estimate` predicted for `x.json`."""
+    output = Path(output)
+    stem = output.with_suffix("") if output.suffix else output
+    return Path(f"{stem}.estimate.json")
+
+
+def read_estimate(output: str | os.PathLike) -> dict[str, Any] | None:
+    path = estimate_path(output)
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
 def build_manifest(
     *,
     mode: str,
@@ -44,9 +61,11 @@ def build_manifest(
     duration_s: float,
     resumed: bool,
     config: dict[str, Any],
+    estimate: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The manifest of a finished run (the format in the module docstring)."""
-    return {
+    """The manifest of a finished run (the format in the module docstring); with an estimate made
+    beforehand, its figures stand beside the actual ones."""
+    manifest = {
         "version": MANIFEST_VERSION,
         "mode": mode,
         "output": str(output),
@@ -73,6 +92,18 @@ def build_manifest(
         "resumed": resumed,
         "config": config,
     }
+    if estimate is not None:
+        manifest["estimate"] = {
+            key: {"estimated": estimate.get(key), "actual": actual}
+            for key, actual in (
+                ("requests", manifest["requests"]),
+                ("prompt_tokens", manifest["tokens"]["prompt"]),
+                ("completion_tokens", manifest["tokens"]["completion"]),
+                ("wall_seconds", manifest["duration_s"]),
+                ("cost_usd", manifest["cost_usd"]),
+            )
+        }
+    return manifest
 
 
 def read_manifest(data_path: str | os.PathLike) -> dict[str, Any] | None:

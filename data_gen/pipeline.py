@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import sys
 import time
@@ -28,7 +29,7 @@ from data_gen import filters, parsers, prompts
 from data_gen.config import GenerateConfig
 from data_gen.filters import InstructionRules, filter_instances
 from data_gen.journal import Journal
-from data_gen.manifest import build_manifest, run_paths
+from data_gen.manifest import build_manifest, read_estimate, run_paths
 from data_gen.teachers import Completion, FailedRequest, SamplingParams
 
 
@@ -417,6 +418,7 @@ def _generate(
         duration_s=duration,
         resumed=state.resumed,
         config=config_to_dict(config),
+        estimate=read_estimate(config.output),
     )
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return GenerationResult(
@@ -513,6 +515,106 @@ def _run_rounds(
     return tasks
 
 
+def estimate_generation(
+    config: GenerateConfig, *, teacher: Any = None, probes: int = 4
+) -> dict[str, Any]:
+    """What the asked run would cost, from one probe round of `probes` requests.
+
+    The probe round is a real round (the same prompts, parsing and filters) whose accepted tasks
+    are thrown away: no journal, no output. Figures scale its requests, tokens, kept tasks and time
+    to `num_instructions`. Novelty is checked against the seeds alone in the probe; in the real run
+    it also checks against everything kept, which drops more as the pool grows, so the requests
+    and cost are a lower bound and the run's manifest sets the actual figures beside these.
+    """
+    from data_gen.teachers import TeacherStats
+
+    seeds, seeds_info = load_seeds(config)
+    own_teacher = teacher is None
+    if own_teacher:
+        teacher = build_teacher(config)
+    try:
+        teacher.reset_stats()
+        generator = _Generator(config, seeds, teacher)
+        rng = random.Random(f"{config.seed}:estimate")
+        started = time.monotonic()
+        if config.mode == "alpaca":
+            accepted = generator.alpaca_round(rng, probes)
+        else:
+            accepted = generator.self_instruct_round(rng, probes)
+        seconds = time.monotonic() - started
+        stats: TeacherStats = teacher.stats
+        teacher_info = teacher.describe()
+    finally:
+        if own_teacher:
+            teacher.close()
+    requests = max(stats.requests, 1)
+    kept_per_request = len(accepted) / requests
+    target = config.num_instructions
+    needed = math.ceil(target / kept_per_request) if kept_per_request else None
+    in_flight = min(probes, config.rounds_size())
+    per_request_s = seconds * in_flight / requests  # latency of one request, as measured
+    parallel = config.concurrency if config.teacher == "openai" else config.local_batch_size
+    prompt_per = stats.prompt_tokens / requests
+    completion_per = stats.completion_tokens / requests
+
+    def scaled(value: float, digits: int = 1) -> float | None:
+        return None if needed is None else round(value * needed, digits)
+
+    cost_per = (
+        prompt_per * config.price_per_1k_prompt_tokens
+        + completion_per * config.price_per_1k_completion_tokens
+    ) / 1000
+    return {
+        "kind": "corral-estimate",
+        "mode": config.mode,
+        "teacher": teacher_info,
+        "num_instructions": target,
+        "probe": {
+            "requests": stats.requests,
+            "failed_requests": stats.failed_requests,
+            "candidates": generator.candidates,
+            "kept": len(accepted),
+            "dropped": dict(sorted(generator.drops.items())),
+            "prompt_tokens": stats.prompt_tokens,
+            "completion_tokens": stats.completion_tokens,
+            "seconds": round(seconds, 2),
+        },
+        "seed_tasks": seeds_info,
+        "kept_per_request": round(kept_per_request, 4),
+        "requests": needed,
+        "prompt_tokens": scaled(prompt_per),
+        "completion_tokens": scaled(completion_per),
+        "wall_seconds": scaled(per_request_s / parallel),
+        "cost_usd": scaled(cost_per, 6),
+        "lower_bound": True,
+    }
+
+
+def format_estimate(estimate: dict[str, Any]) -> str:
+    """The estimate as a short table."""
+    probe = estimate["probe"]
+    lines = [
+        f"Estimate for {estimate['num_instructions']} instructions ({estimate['mode']} mode), "
+        f"from {probe['requests']} probe requests that kept {probe['kept']} of "
+        f"{probe['candidates']} candidates in {probe['seconds']} s:",
+    ]
+    if estimate["requests"] is None:
+        lines.append("  the probe kept nothing: no estimate (check the teacher's replies)")
+        return "\n".join(lines)
+    hours = estimate["wall_seconds"] / 3600
+    lines += [
+        f"  requests          >= {estimate['requests']:,} ({estimate['kept_per_request']} kept each)",
+        f"  prompt tokens     >= {estimate['prompt_tokens']:,.0f}",
+        f"  completion tokens >= {estimate['completion_tokens']:,.0f}",
+        f"  wall time         >= {estimate['wall_seconds']:,.0f} s ({hours:.2f} h) at this concurrency",
+        f"  cost              >= ${estimate['cost_usd']:,.2f}"
+        + ("" if estimate["cost_usd"] else " (set price_per_1k_prompt_tokens=... to price it)"),
+        "  lower bounds: the probe checked novelty against the seeds only; the manifest of the run",
+        "  sets the actual figures beside these",
+    ]
+    return "\n".join(lines)
+
+
 def format_summary(result: GenerationResult) -> str:
     """A one-screen summary of a finished run."""
     m = result.manifest
@@ -530,6 +632,17 @@ def format_summary(result: GenerationResult) -> str:
         f"  tokens    {m['tokens']['prompt']} prompt + {m['tokens']['completion']} completion"
         + (f"; cost ${m['cost_usd']:.4f}" if m["cost_usd"] else ""),
         f"  time      {m['duration_s']:.1f} s",
+        *(
+            [
+                "  estimated "
+                + ", ".join(
+                    f"{key} {pair['estimated']} (actual {pair['actual']})"
+                    for key, pair in m["estimate"].items()
+                )
+            ]
+            if m.get("estimate")
+            else []
+        ),
         f"  candidates parsed {counts['candidates']}, kept {result.instructions}, dropped:",
     ]
     dropped = counts["dropped"]
