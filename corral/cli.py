@@ -22,6 +22,7 @@ STAGE_COMMAND_MODULES = (
     "training.commands",
     "inference.commands",
     "evaluation.commands",
+    "evaluation.data_commands",
 )
 
 

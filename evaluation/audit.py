@@ -13,6 +13,7 @@ Each check names its records and what `--fix` does about them:
 | copies_prompt | an output that only repeats the instruction or the input | drop |
 | placeholder_output | an output that is a placeholder (`N/A`, `<nooutput>`, ...) | drop |
 | refusal | "As an AI language model", "I'm sorry, but I cannot", ... | drop |
+| low_score | with --min-score: a judge's `score` (corral score) below it, or none | drop |
 | placeholder_input | an input that stands for none (`<noinput>` and its misspellings, `N/A`) | input emptied |
 | length_outlier | an output far longer or shorter than the rest (robust z of log length > 4) | kept, listed |
 | non_english | mostly non-ASCII letters where the dataset is ASCII | kept, listed |
@@ -45,6 +46,7 @@ CHECKS: dict[str, tuple[str, str]] = {
     "copies_prompt": (DROP, "the output only repeats the instruction or input"),
     "placeholder_output": (DROP, "the output is a placeholder"),
     "refusal": (DROP, "a refusal or AI-assistant boilerplate"),
+    "low_score": (DROP, "a judge scored it below --min-score, or gave no score"),
     "placeholder_input": (REPAIR, "the input stands for none (emptied by --fix)"),
     "length_outlier": (LIST, "output length far from the rest"),
     "non_english": (LIST, "mostly non-ASCII letters in an ASCII dataset"),
@@ -151,6 +153,7 @@ def audit_records(
     eval_tasks: Sequence[SeedTask] = (),
     seed_tasks: Sequence[SeedTask] = (),
     threshold: float = 0.7,
+    min_score: float | None = None,
 ) -> AuditResult:
     """Every check on every record (the table in the module docstring)."""
     result = AuditResult(total=len(records))
@@ -218,6 +221,12 @@ def audit_records(
             refusal = _REFUSAL.search(output)
             if refusal:
                 add(Finding(index, "refusal", repr(refusal.group(0))))
+        if min_score is not None:
+            score = record.get("score")
+            if not isinstance(score, int | float) or isinstance(score, bool):
+                add(Finding(index, "low_score", "no score (run corral score first)"))
+            elif score < min_score:
+                add(Finding(index, "low_score", f"score {score} < {min_score}"))
         if input_.strip() and _PLACEHOLDER_INPUT.match(input_):
             add(Finding(index, "placeholder_input", repr(input_.strip()[:40])))
         if abs(log_lengths[index] - median) / spread > 4:

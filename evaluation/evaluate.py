@@ -77,13 +77,14 @@ def combine_orders(first: str | None, second: str | None) -> str:
 
 
 class LocalJudge:
-    """A local causal LM as judge: compares the next-token scores of `A` and `B`.
+    """A local causal LM as judge: reads its next-token scores of the answer labels.
 
-    Reading the two scores instead of sampling text means even a small model always gives a
-    verdict, and the same inputs always give the same one.
+    Reading the labels' scores (`A`/`B` for a pairwise verdict, `1`..`5` for a score) instead of
+    sampling text means even a small model always answers, and the same inputs always get the
+    same answer.
     """
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, labels: Sequence[str] = ("A", "B")) -> None:
         import torch
 
         from corral.models import load_model, load_tokenizer, quiet_transformers
@@ -93,15 +94,15 @@ class LocalJudge:
             self.model = load_model(model, dtype=torch.float32, tokenizer=self.tokenizer)
         self.model.eval()
         self.name = model
-        self.choice_ids = {
-            letter: sorted(
+        self.label_ids = {
+            label: sorted(
                 {
                     ids[0]
-                    for text in (letter, f" {letter}")
+                    for text in (label, f" {label}")
                     if len(ids := self.tokenizer(text, add_special_tokens=False).input_ids) == 1
                 }
             )
-            for letter in ("A", "B")
+            for label in labels
         }
 
     def _render(self, prompt: str) -> str:
@@ -111,19 +112,23 @@ class LocalJudge:
             )
         return prompt + "\n\nAnswer:"
 
-    def judge(self, prompts: Sequence[str]) -> list[str | None]:
+    def label_probabilities(self, prompts: Sequence[str]) -> list[dict[str, float]]:
+        """For each prompt, the probability of each label as the next token, among the labels."""
         import torch
 
-        verdicts: list[str | None] = []
+        found: list[dict[str, float]] = []
         for start in range(0, len(prompts), 4):
             batch = [self._render(p) for p in prompts[start : start + 4]]
             encoded = self.tokenizer(batch, return_tensors="pt", padding=True)
             with torch.inference_mode():
-                logits = self.model(**encoded).logits[:, -1, :]
+                logits = self.model(**encoded).logits[:, -1, :].float()
             for row in logits:
-                score = {k: max(row[i].item() for i in ids) for k, ids in self.choice_ids.items()}
-                verdicts.append("A" if score["A"] >= score["B"] else "B")
-        return verdicts
+                best = torch.stack([row[ids].max() for ids in self.label_ids.values()])
+                found.append(dict(zip(self.label_ids, best.softmax(-1).tolist(), strict=True)))
+        return found
+
+    def judge(self, prompts: Sequence[str]) -> list[str | None]:
+        return ["A" if p["A"] >= p["B"] else "B" for p in self.label_probabilities(prompts)]
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "local", "model": self.name, "method": "next-token score of A vs B"}

@@ -135,3 +135,44 @@ def test_near_seed():
     seeds = [SeedTask(instruction="Name three primary colors.", instances=[{"input": "",
                                                                           "output": "x"}])]  # fmt: skip
     assert findings_of(CLEAN, seed_tasks=seeds) == {"near_seed": [0]}
+
+
+def test_cli_audit_fix_strict_and_json(tmp_path, capsys):
+    import json
+
+    from corral.cli import main as corral_main
+    from corral.records import read_alpaca, write_alpaca
+
+    data, evaluation, fixed = tmp_path / "d.json", tmp_path / "eval.jsonl", tmp_path / "f.json"
+    records = [*CLEAN, dict(CLEAN[0]), {"instruction": "Add them.", "input": "<noinput>",
+                                        "output": "4"}]  # fmt: skip
+    write_alpaca(data, records)
+    task = {"instruction": CLEAN[3]["instruction"], "instances": [{"input": "", "output": "x"}]}
+    evaluation.write_text(json.dumps(task) + "\n")
+    assert corral_main(["audit", str(data), "--fix", str(fixed)]) == 0
+    out = capsys.readouterr().out
+    assert "exact_duplicate" in out and "would drop 1 and keep 6" in out
+    assert read_alpaca(fixed)[-1] == {"instruction": "Add them.", "input": "", "output": "4"}
+
+    assert corral_main(["audit", str(data), "--eval-set", str(evaluation), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["checks"]["contamination"]["records"] == 1
+    assert corral_main(["audit", str(data), "--eval-set", str(evaluation), "--strict"]) == 1
+    assert "1 records match the evaluation set" in capsys.readouterr().err
+    assert corral_main(["audit", str(data), "--fix", str(data)]) == 2  # never its own input
+    assert "would overwrite the input" in capsys.readouterr().err
+
+
+def test_min_score_drops_low_and_unscored_records():
+    records = [
+        {**CLEAN[0], "score": 5.0},
+        {**CLEAN[1], "score": 4.4},
+        {**CLEAN[3], "score": None},
+        {**CLEAN[4], "score": 4.5},
+    ]
+    result = audit_records(records, min_score=4.5)
+    assert [f.index for f in result.by_check()["low_score"]] == [1, 2]
+    assert [r["instruction"] for r in result.fix(records)] == [
+        CLEAN[0]["instruction"],
+        CLEAN[4]["instruction"],
+    ]
