@@ -52,6 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="how many new instructions to keep",
     )
     gen.add_argument("--output", metavar="PATH", help="the Alpaca JSON to write")
+    gen.add_argument(
+        "--eval-set",
+        dest="eval_set",
+        metavar="PATH",
+        help="evaluation set to keep out of the data (near or 13-gram matches are dropped)",
+    )
     gen.add_argument("--teacher", choices=["local", "openai"], help="local model or endpoint")
     gen.add_argument("--model", help="teacher model name, folder, or endpoint model id")
     gen.add_argument("--base-url", dest="base_url", help="OpenAI-compatible endpoint URL")
@@ -107,6 +113,7 @@ def run_generate(args: argparse.Namespace) -> int:
         args.overrides,
         mode=args.mode,
         seed_tasks=args.seed_tasks,
+        eval_set=args.eval_set,
         num_instructions=args.num_instructions,
         output=args.output,
         teacher=args.teacher,

@@ -39,6 +39,17 @@ class GenerateConfig:
             "input_path": True,
         },
     )
+    eval_set: str = field(
+        default="",
+        metadata={
+            **_help(
+                "an evaluation set to keep out of the data: a task whose instruction is within "
+                "ROUGE-L 0.7 of an item, or that shares a 13-gram with one, is dropped "
+                "(reason contaminated)"
+            ),
+            "input_path": True,
+        },
+    )
     num_instructions: int = field(
         default=100, metadata=_help("stop when this many new instructions are kept")
     )

@@ -22,6 +22,7 @@ WRITE_A_PROGRAM = "starts_with_write_a_program"
 STARTS_WITH_PUNCTUATION = "starts_with_punctuation"
 STARTS_NON_ASCII = "starts_with_non_ascii"
 NOT_NOVEL = "not_novel"
+CONTAMINATED = "contaminated"  # near an evaluation item, or shares a 13-gram with one
 EMPTY_OUTPUT = "empty_output"
 DUPLICATE_INSTANCE = "duplicate_instance"
 CONFLICTING_INSTANCES = "conflicting_instances"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.config import config_to_dict
+from corral.contamination import ContaminationIndex
 from corral.fileio import atomic_write_text, check_output_path, exclusive_output
 from corral.records import SeedTask, read_seed_tasks, write_alpaca
 from corral.rouge import RougeNoveltyIndex
@@ -54,8 +55,7 @@ class GenerationResult:
 def load_seeds(config: GenerateConfig) -> tuple[list[SeedTask], dict[str, Any]]:
     path = config.seed_tasks_path()
     seeds = read_seed_tasks(path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return seeds, {"path": str(path), "count": len(seeds), "sha256_16": digest}
+    return seeds, {"path": str(path), "count": len(seeds), "sha256_16": _sha256_16(path)}
 
 
 def build_teacher(config: GenerateConfig) -> Any:
@@ -110,7 +110,13 @@ def run_fingerprint(config: GenerateConfig, seeds_info: dict[str, Any]) -> dict[
         "teacher": teacher_identity(config),
         "rouge_threshold": config.rouge_threshold,
         "seed": config.seed,
+        # Only when set, so journals from before the option existed still resume.
+        **({"eval_set_sha256_16": _sha256_16(Path(config.eval_set))} if config.eval_set else {}),
     }
+
+
+def _sha256_16(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def records_from_tasks(tasks: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -134,6 +140,9 @@ class _Generator:
         )
         self.index = RougeNoveltyIndex(config.rouge_threshold)
         self.index.extend(s.instruction for s in seeds)
+        self.protected = (
+            ContaminationIndex(read_seed_tasks(config.eval_set)) if config.eval_set else None
+        )
         self.machine_instructions: list[str] = []
         self.drops: Counter = Counter()
         self.candidates = 0
@@ -185,6 +194,16 @@ class _Generator:
         )
         return {"nearest_instruction": nearest, "rouge_l": round(decision.max_fmeasure, 4)}
 
+    def _contaminated(self, instruction: str, instances: list[dict[str, str]]) -> bool:
+        """Whether a task matches the evaluation set (counted as a drop when it does)."""
+        if self.protected is None:
+            return False
+        text = "\n".join([instruction, *(f"{i['input']}\n{i['output']}" for i in instances)])
+        if self.protected.match(instruction, text) is None:
+            return False
+        self.drops[filters.CONTAMINATED] += 1
+        return True
+
     def _completions(self, prompts_: list[str], params: SamplingParams) -> list[Completion | None]:
         results = self.teacher.complete(prompts_, params)
         out: list[Completion | None] = []
@@ -221,6 +240,8 @@ class _Generator:
         params = self._sampling(prompts.alpaca_stop_sequences(c.tasks_per_request))
         accepted = []
         for item in self._parsed_candidates(batch, params, parsers.parse_alpaca_tasks):
+            if self._contaminated(item["instruction"], [item]):
+                continue
             info = self._accept_instruction(item["instruction"], add=True)
             if info is None:
                 continue
@@ -310,6 +331,8 @@ class _Generator:
             if not kept:
                 self.drops[filters.NO_VALID_INSTANCES] += 1
                 continue
+            if self._contaminated(text, kept):
+                continue
             # Step 4: the instruction joins the pool (checked again against this round's earlier
             # acceptances, which it already passed as candidates).
             if not self.index.add_if_novel(text).novel:
@@ -338,7 +361,7 @@ def generate_dataset(
     """
     output_path = run_paths(config.output)[0]
     for path in run_paths(config.output):
-        check_output_path(path, inputs=(config.seed_tasks_path(),))
+        check_output_path(path, inputs=(config.seed_tasks_path(), config.eval_set or None))
     with exclusive_output(output_path, what="dataset"):
         return _generate(config, teacher, progress, log, overwrite)
 

@@ -61,3 +61,37 @@ def test_estimate_against_an_unreachable_teacher_is_one_line(tmp_path, capsys):
     assert code == 2
     assert "cannot reach the teacher" in capsys.readouterr().err
     assert not (tmp_path / "d.estimate.json").exists()
+
+
+def test_generate_keeps_an_evaluation_set_out_of_the_data(tmp_path):
+    """The same deterministic teacher twice: what the first run kept becomes the evaluation set
+    of the second, which must drop every one of those tasks as contaminated."""
+    from corral.records import read_alpaca
+
+    def run(output, *extra) -> dict:
+        with OpenAITestServer(seed=7) as server:
+            code = corral_main(
+                ["generate", "--base-url", server.base_url, "--output", str(output),
+                 "--num-instructions", "12", "--no-progress", "concurrency=1", *extra]
+            )  # fmt: skip
+        assert code == 0
+        return json.loads(output.with_name(output.stem + ".manifest.json").read_text())
+
+    first = tmp_path / "first.json"
+    run(first)
+    held_out = read_alpaca(first)[:5]
+    evaluation = tmp_path / "eval.jsonl"
+    evaluation.write_text(
+        "".join(
+            json.dumps(
+                {"instruction": r["instruction"],
+                 "instances": [{"input": r["input"], "output": r["output"]}]}
+            ) + "\n"
+            for r in held_out
+        )
+    )  # fmt: skip
+    second = tmp_path / "second.json"
+    manifest = run(second, "--eval-set", str(evaluation))
+    assert manifest["counts"]["dropped"]["contaminated"] >= len(held_out)
+    kept = {r["instruction"] for r in read_alpaca(second)}
+    assert not kept & {r["instruction"] for r in held_out}
