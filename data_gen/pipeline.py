@@ -30,6 +30,7 @@ from data_gen import filters, parsers, prompts
 from data_gen.config import GenerateConfig
 from data_gen.filters import InstructionRules, filter_instances
 from data_gen.journal import Journal
+from data_gen.lineage import lineage_path, write_lineage
 from data_gen.manifest import build_manifest, read_estimate, run_paths
 from data_gen.teachers import Completion, FailedRequest, SamplingParams
 
@@ -89,6 +90,23 @@ def build_teacher(config: GenerateConfig) -> Any:
         repetition_penalty=config.repetition_penalty,
         seed=config.seed,
     )
+
+
+def sampling_settings(config: GenerateConfig) -> dict[str, Any]:
+    """The teacher's sampling settings of a run (per step for Self-Instruct)."""
+    settings = {
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "max_tokens": config.max_tokens,
+        "presence_penalty": config.presence_penalty,
+    }
+    if config.mode == "self-instruct":
+        settings["instances"] = {
+            "temperature": config.instance_temperature,
+            "max_tokens": config.instance_max_tokens,
+            "presence_penalty": config.instance_presence_penalty,
+        }
+    return settings
 
 
 def teacher_identity(config: GenerateConfig) -> dict[str, Any]:
@@ -217,29 +235,28 @@ class _Generator:
 
     def _parsed_candidates(
         self, prompts_: list[str], params: SamplingParams, parse: Callable[[str, str], Any]
-    ) -> Iterator[dict[str, Any]]:
-        """Each item the teacher's completions parse into, counting parse drops and candidates."""
-        for completion in self._completions(prompts_, params):
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(request index, item) for each item the teacher's completions parse into, counting
+        parse drops and candidates."""
+        for request, completion in enumerate(self._completions(prompts_, params)):
             if completion is None:
                 continue
             parsed = parse(completion.text, completion.finish_reason)
             self.drops.update(parsed.drops)
             for item in parsed.items:
                 self.candidates += 1
-                yield item
+                yield request, item
 
     # ------------------------------------------------------------ Stanford Alpaca
 
     def alpaca_round(self, rng: random.Random, size: int) -> list[dict[str, Any]]:
         c = self.config
         k = min(c.num_prompt_instructions, len(self.seeds))
-        batch = [
-            prompts.alpaca_prompt(rng.sample(self.seeds, k), c.tasks_per_request)
-            for _ in range(size)
-        ]
+        shown = [rng.sample(self.seeds, k) for _ in range(size)]
+        batch = [prompts.alpaca_prompt(demos, c.tasks_per_request) for demos in shown]
         params = self._sampling(prompts.alpaca_stop_sequences(c.tasks_per_request))
         accepted = []
-        for item in self._parsed_candidates(batch, params, parsers.parse_alpaca_tasks):
+        for request, item in self._parsed_candidates(batch, params, parsers.parse_alpaca_tasks):
             if self._contaminated(item["instruction"], [item]):
                 continue
             info = self._accept_instruction(item["instruction"], add=True)
@@ -250,6 +267,7 @@ class _Generator:
                     "instruction": item["instruction"],
                     "instances": [{"input": item["input"], "output": item["output"]}],
                     **info,
+                    "lineage": {"request": request, "seeds": [s.id for s in shown[request]]},
                 }
             )
         return accepted
@@ -260,26 +278,32 @@ class _Generator:
         c = self.config
         # Step 1: bootstrap instructions from human and machine demonstrations.
         batch = []
-        for _ in range(size):
+        origins = []
+        for request in range(size):
             machine = rng.sample(
                 self.machine_instructions, min(c.num_machine_demos, len(self.machine_instructions))
             )
             n_human = c.num_human_demos + c.num_machine_demos - len(machine)
-            human = [s.instruction for s in rng.sample(self.seeds, min(n_human, len(self.seeds)))]
-            demos = human + machine
+            human = rng.sample(self.seeds, min(n_human, len(self.seeds)))
+            demos = [s.instruction for s in human] + machine
             rng.shuffle(demos)
             batch.append(prompts.bootstrap_prompt(demos))
+            origins.append(
+                {"request": request, "seeds": [s.id for s in human], "machine": list(machine)}
+            )
         params = self._sampling(prompts.bootstrap_stop_sequences(c.max_bootstrap_tasks))
         candidates: list[tuple[str, dict[str, Any]]] = []
         in_round = RougeNoveltyIndex(c.rouge_threshold)
-        for item in self._parsed_candidates(batch, params, parsers.parse_bootstrap_instructions):
+        for request, item in self._parsed_candidates(
+            batch, params, parsers.parse_bootstrap_instructions
+        ):
             info = self._accept_instruction(item["instruction"], add=False)
             if info is None:
                 continue
             if not in_round.add_if_novel(item["instruction"]).novel:
                 self.drops[filters.NOT_NOVEL] += 1
                 continue
-            candidates.append((item["instruction"], info))
+            candidates.append((item["instruction"], {**info, "lineage": origins[request]}))
         if not candidates:
             return []
 
@@ -360,7 +384,7 @@ def generate_dataset(
     process at a time runs a given output.
     """
     output_path = run_paths(config.output)[0]
-    for path in run_paths(config.output):
+    for path in (*run_paths(config.output), lineage_path(config.output)):
         check_output_path(path, inputs=(config.seed_tasks_path(), config.eval_set or None))
     with exclusive_output(output_path, what="dataset"):
         return _generate(config, teacher, progress, log, overwrite)
@@ -384,7 +408,7 @@ def _generate(
         teacher = build_teacher(config)
     try:
         if overwrite:
-            for path in (journal_path, manifest_path, output_path):
+            for path in (journal_path, manifest_path, output_path, lineage_path(config.output)):
                 path.unlink(missing_ok=True)
         journal = Journal(journal_path)
         state = journal.open(run_fingerprint(config, seeds_info))
@@ -426,6 +450,13 @@ def _generate(
     tasks = tasks[:target]
     records = records_from_tasks(tasks)
     write_alpaca(output_path, records)
+    write_lineage(
+        lineage_path(config.output),
+        tasks,
+        [s.instruction for s in seeds],
+        teacher=teacher_info,
+        sampling=sampling_settings(config),
+    )
     duration = elapsed_before + (time.monotonic() - started if work_to_do else 0.0)
     manifest = build_manifest(
         mode=config.mode,
@@ -501,6 +532,7 @@ def _run_rounds(
                 accepted = accepted[: target - len(tasks)]
             for task in accepted:
                 gen.machine_instructions.append(task["instruction"])
+                task["lineage"]["round"] = round_no
             tasks.extend(accepted)
             journal.commit(
                 accepted,

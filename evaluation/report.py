@@ -2,7 +2,8 @@
 
 - A generated dataset gets the diversity views of the Self-Instruct paper: the most common leading
   verbs and their direct objects, the distribution of ROUGE-L to the nearest seed instruction, the
-  instruction/input/output lengths, and (from its manifest) the drops by filter reason.
+  instruction/input/output lengths, (from its lineage) how many kept records each seed task led
+  to, and (from its manifest) the drops by filter reason.
 - A training run directory gets its loss and eval-loss curves and its throughput.
 - An evaluation result gets its win rates and ROUGE-L scores.
 
@@ -25,6 +26,7 @@ from corral.fileio import atomic_write_text
 from corral.records import read_alpaca, read_seed_tasks
 from corral.rouge import RougeNoveltyIndex
 from corral.rundir import has_run_info, read_metrics, read_run_info
+from data_gen.lineage import lineage_path, records_per_seed
 from data_gen.manifest import drops_by_reason, read_manifest
 from data_gen.manifest import seed_tasks_path as manifest_seed_tasks
 from evaluation.svgplot import bar_chart, histogram, line_chart
@@ -140,6 +142,24 @@ def dataset_section(path: Path, seed_tasks: Path | None) -> str:
                 x_label="words",
                 bins=min(30, max(5, len(set(lengths)))),
                 color=("#3b6ea8", "#d9822b", "#4f9a55")[color],
+            )
+        )
+    lineage = lineage_path(path)
+    if lineage.is_file():
+        per_seed = records_per_seed(lineage)
+        top = per_seed.most_common(20)
+        seeds_total = manifest["seed_tasks"]["count"] if manifest is not None else None
+        idle = (
+            f"; {seeds_total - len(per_seed)} of {seeds_total} seeds yielded none"
+            if (seeds_total)
+            else ""
+        )
+        parts.append(
+            bar_chart(
+                [k for k, _ in top],
+                [v for _, v in top],
+                title=f"Kept records per seed task shown in their prompts (top 20{idle})",
+                color="#7a5ea8",
             )
         )
     drops = drops_by_reason(manifest) if manifest is not None else {}
