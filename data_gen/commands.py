@@ -61,7 +61,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--teacher", choices=["local", "openai"], help="local model or endpoint")
     gen.add_argument("--model", help="teacher model name, folder, or endpoint model id")
     gen.add_argument("--base-url", dest="base_url", help="OpenAI-compatible endpoint URL")
-    gen.add_argument("--api", choices=["chat", "completions"], help="endpoint API to use")
+    gen.add_argument(
+        "--api",
+        choices=["chat", "completions", "batch"],
+        help="endpoint API: chat, completions, or batch (OpenAI's Batch API, half price)",
+    )
     gen.add_argument("--concurrency", type=int, help="requests in flight at once")
     gen.add_argument(
         "--overwrite",

@@ -74,9 +74,16 @@ class GenerateConfig:
     base_url: str = field(
         default="", metadata=_help("OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
     )
-    api: Literal["chat", "completions"] = field(
+    api: Literal["chat", "completions", "batch"] = field(
         default="chat",
-        metadata=_help("chat: prompt sent as a user message; completions: raw text to continue"),
+        metadata=_help(
+            "chat: prompt sent as a user message; completions: raw text to continue; batch: "
+            "chat requests through OpenAI's Batch API (half price; each round is one batch, "
+            "journaled, so a resumed run polls it instead of paying again)"
+        ),
+    )
+    batch_poll_seconds: float = field(
+        default=30.0, metadata=_help("api=batch: seconds between polls of a batch's status")
     )
     api_key_env: str = field(
         default="OPENAI_API_KEY", metadata=_help("environment variable holding the API key")

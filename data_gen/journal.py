@@ -5,11 +5,14 @@ Layout, one JSON object per line:
     {"kind": "header", "fingerprint": {...}}            what run this is (checked on resume)
     {"kind": "task", "instruction": ..., "instances": [...], ...}   accepted in this round
     {"kind": "commit", "round": r, "tasks": n, "drops": {...}, "teacher": {...}, ...}
+    {"kind": "batch", "key": k, "batch_id": b}          a Batch API batch, journaled when sent
 
 A round's task lines and its commit line are written with one `write`, then flushed and fsynced.
 On open, everything after the last complete commit line (a round cut short by a crash, or half a
 line) is cut off, so a resumed run sees exactly the rounds that were committed: nothing lost that
-was committed, nothing counted twice.
+was committed, nothing counted twice. Batch lines are kept even after the last commit (they are
+written back after the cut): a batch sent and paid for before a crash is polled on resume, not
+sent again.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class JournalState:
     rounds: int = 0
     last_commit: dict[str, Any] = field(default_factory=dict)
     resumed: bool = False
+    batches: dict[str, str] = field(default_factory=dict)  # request hash -> batch id
 
 
 class FingerprintMismatch(ValueError):
@@ -49,22 +53,26 @@ class Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         state = JournalState()
         if self.path.exists() and self.path.stat().st_size > 0:
-            state, keep_bytes = self._recover(fingerprint)
+            state, keep_bytes, cut_batches = self._recover(fingerprint)
             with open(self.path, "r+b") as handle:
                 handle.truncate(keep_bytes)
                 handle.flush()
                 os.fsync(handle.fileno())
             self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+            if cut_batches:
+                self._write_durably("".join(cut_batches))
             return state
         self._handle = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
         header = {"kind": "header", "version": JOURNAL_VERSION, "fingerprint": fingerprint}
         self._write_durably(json.dumps(header, ensure_ascii=False) + "\n")
         return state
 
-    def _recover(self, fingerprint: dict[str, Any]) -> tuple[JournalState, int]:
+    def _recover(self, fingerprint: dict[str, Any]) -> tuple[JournalState, int, list[str]]:
+        """(state, bytes to keep, batch lines after them to write back)."""
         data = self.path.read_bytes()
         state = JournalState(resumed=True)
         pending: list[dict[str, Any]] = []
+        batch_lines: list[tuple[int, str]] = []
         keep_bytes = 0
         offset = 0
         line_no = 0
@@ -86,6 +94,9 @@ class Journal:
                 keep_bytes = offset
             elif kind == "task":
                 pending.append(entry)
+            elif kind == "batch":
+                state.batches[entry["key"]] = entry["batch_id"]
+                batch_lines.append((offset, raw.decode("utf-8") + "\n"))
             elif kind == "commit":
                 state.tasks.extend(pending)
                 pending = []
@@ -94,13 +105,18 @@ class Journal:
                 keep_bytes = offset
         if keep_bytes == 0:
             raise RecordError(self.path, "the journal has no header line; delete it to start over")
-        return state, keep_bytes
+        return state, keep_bytes, [line for end, line in batch_lines if end > keep_bytes]
 
     def commit(self, tasks: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         """Append a round's accepted tasks and its commit line, durably."""
         lines = [json.dumps({"kind": "task", **task}, ensure_ascii=False) for task in tasks]
         lines.append(json.dumps({"kind": "commit", **summary}, ensure_ascii=False))
         self._write_durably("\n".join(lines) + "\n")
+
+    def record_batch(self, key: str, batch_id: str) -> None:
+        """Note, durably and at once, a batch that was just sent (see the module docstring)."""
+        line = {"kind": "batch", "key": key, "batch_id": batch_id}
+        self._write_durably(json.dumps(line) + "\n")
 
     def _write_durably(self, text: str) -> None:
         assert self._handle is not None, "journal not open"

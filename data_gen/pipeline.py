@@ -32,7 +32,7 @@ from data_gen.filters import InstructionRules, filter_instances
 from data_gen.journal import Journal
 from data_gen.lineage import lineage_path, write_lineage
 from data_gen.manifest import build_manifest, read_estimate, run_paths
-from data_gen.teachers import Completion, FailedRequest, SamplingParams
+from data_gen.teachers import Completion, FailedRequest, OpenAIBatchTeacher, SamplingParams
 
 
 class GenerationError(RuntimeError):
@@ -64,10 +64,14 @@ def build_teacher(config: GenerateConfig) -> Any:
     from data_gen.teachers import LocalTeacher, OpenAICompatibleTeacher
 
     if config.teacher == "openai":
-        teacher = OpenAICompatibleTeacher(
+        if config.api == "batch":
+            kind, extra = OpenAIBatchTeacher, {"poll_seconds": config.batch_poll_seconds}
+        else:
+            kind, extra = OpenAICompatibleTeacher, {"api": config.api}
+        teacher = kind(
             config.model,
+            **extra,
             base_url=config.base_url or None,
-            api=config.api,
             api_key_env=config.api_key_env,
             concurrency=config.concurrency,
             max_retries=config.max_retries,
@@ -414,6 +418,9 @@ def _generate(
         state = journal.open(run_fingerprint(config, seeds_info))
         if own_teacher and teacher is None and len(state.tasks) < config.num_instructions:
             teacher = build_teacher(config)  # a resumed run that still has work to do
+        if isinstance(teacher, OpenAIBatchTeacher):
+            # Batches sent before a crash are polled, not sent (and paid for) again.
+            teacher.resume_batches(state.batches, journal.record_batch, log)
     except BaseException:
         if own_teacher and teacher is not None:
             teacher.close()

@@ -21,6 +21,12 @@ or as a separate process (benchmarks, manual runs), which prints its base URL on
     python tests/openai_test_server.py --port 0 --latency 0.1
 
 `responder(prompt, request) -> str` replaces the canned teacher; `stats` counts what happened.
+
+It also speaks OpenAI's Batch API: `POST /v1/files` (multipart, purpose batch), `GET
+/v1/files/{id}/content`, `POST /v1/batches` and `GET /v1/batches/{id}`. A batch completes
+`batch_seconds` after it was created; `batch_faults` decides its fate: "expire" (only the first
+half of its requests done, the rest reported `batch_expired` in the error file), "partial" (every
+third request fails with a 500 in the error file), "failed" (rejected at validation).
 """
 
 from __future__ import annotations
@@ -234,6 +240,8 @@ class OpenAITestServer:
         host: str = "127.0.0.1",
         port: int = 0,
         model: str = "canned-teacher",
+        batch_seconds: float = 0.0,
+        batch_faults: Iterable[str | None] = (),
     ) -> None:
         self.responder = responder
         self.latency = latency
@@ -246,6 +254,10 @@ class OpenAITestServer:
         self._lock = threading.Lock()
         self._rng_seed = seed
         self._request_no = 0
+        self.batch_seconds = batch_seconds
+        self._batch_faults: deque = deque(batch_faults)
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
         self._server = _LoopbackHTTPServer((host, port), self._handler_class())
         self._thread: threading.Thread | None = None
 
@@ -331,6 +343,92 @@ class OpenAITestServer:
         choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
         return {**base, "object": "text_completion", "choices": [choice]}
 
+    # -- the Batch API
+
+    def _new_id(self, prefix: str) -> str:
+        with self._lock:
+            self._request_no += 1
+            return f"{prefix}-{self._request_no}"
+
+    def _create_file(self, content: bytes) -> dict[str, Any]:
+        file_id = self._new_id("file")
+        with self._lock:
+            self.files[file_id] = content
+        return {"id": file_id, "object": "file", "bytes": len(content), "purpose": "batch",
+                "filename": "input.jsonl", "created_at": int(time.time()), "status": "processed"}  # fmt: skip
+
+    def _create_batch(self, request: dict[str, Any]) -> dict[str, Any]:
+        batch_id = self._new_id("batch")
+        with self._lock:
+            fault = self._batch_faults.popleft() if self._batch_faults else None
+            self.stats["batches_created"] += 1
+        batch = {
+            "id": batch_id, "object": "batch", "endpoint": request.get("endpoint"),
+            "input_file_id": request.get("input_file_id"),
+            "completion_window": request.get("completion_window", "24h"),
+            "status": "validating", "created_at": int(time.time()), "errors": None,
+            "output_file_id": None, "error_file_id": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "_fault": fault, "_ready_at": time.monotonic() + self.batch_seconds,
+        }  # fmt: skip
+        with self._lock:
+            self.batches[batch_id] = batch
+        return self._public(batch)
+
+    @staticmethod
+    def _public(batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+    def _retrieve_batch(self, batch_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            batch = self.batches.get(batch_id)
+            self.stats["batch_polls"] += 1
+        if batch is None:
+            return None
+        if batch["status"] in ("validating", "in_progress"):
+            if time.monotonic() >= batch["_ready_at"]:
+                self._run_batch(batch)
+            else:
+                batch["status"] = "in_progress"
+        return self._public(batch)
+
+    def _run_batch(self, batch: dict[str, Any]) -> None:
+        fault = batch["_fault"]
+        if fault == "failed":
+            batch["status"] = "failed"
+            batch["errors"] = {"object": "list", "data": [
+                {"code": "invalid_request", "message": "injected validation failure", "line": 1}
+            ]}  # fmt: skip
+            return
+        lines = [json.loads(line) for line in self.files[batch["input_file_id"]].splitlines()]
+        done, errors = [], []
+        for number, line in enumerate(lines):
+            custom = line["custom_id"]
+            if fault == "expire" and number >= len(lines) // 2:
+                errors.append({"id": f"req-{number}", "custom_id": custom, "response": None,
+                               "error": {"code": "batch_expired",
+                                         "message": "This request could not be executed"}})  # fmt: skip
+                continue
+            if fault == "partial" and number % 3 == 2:
+                errors.append({"id": f"req-{number}", "custom_id": custom,
+                               "response": {"status_code": 500, "body": {"error": {
+                                   "message": "injected server error"}}}, "error": None})  # fmt: skip
+                continue
+            _, rng = self._next()
+            body = self._reply(line["url"], line["body"], rng)
+            done.append({"id": f"req-{number}", "custom_id": custom,
+                         "response": {"status_code": 200, "body": body}, "error": None})  # fmt: skip
+        batch["output_file_id"] = self._create_file(
+            "".join(json.dumps(x) + "\n" for x in done).encode()
+        )["id"]
+        if errors:
+            batch["error_file_id"] = self._create_file(
+                "".join(json.dumps(x) + "\n" for x in errors).encode()
+            )["id"]
+        batch["status"] = "expired" if fault == "expire" else "completed"
+        batch["request_counts"] = {"total": len(lines), "completed": len(done),
+                                   "failed": len(errors)}  # fmt: skip
+
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
@@ -362,6 +460,26 @@ class OpenAITestServer:
                 self.wfile.write(body)
 
             def do_GET(self) -> None:
+                path = self.path.rstrip("/")
+                if "/files/" in path and path.endswith("/content"):
+                    file_id = path.split("/files/")[1].rsplit("/content", 1)[0]
+                    content = server.files.get(file_id)
+                    if content is None:
+                        self._send_json(404, {"error": {"message": f"no file {file_id}"}})
+                        return
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/octet-stream")
+                    self.send_header("Content-Length", str(len(content)))
+                    self.end_headers()
+                    self.wfile.write(content)
+                    return
+                if "/batches/" in path:
+                    batch = server._retrieve_batch(path.split("/batches/")[1])
+                    if batch is None:
+                        self._send_json(404, {"error": {"message": "no such batch"}})
+                    else:
+                        self._send_json(200, batch)
+                    return
                 if self.path.rstrip("/").endswith("/models"):
                     self._send_json(
                         200, {"object": "list", "data": [{"id": server.model, "object": "model"}]}
@@ -373,6 +491,16 @@ class OpenAITestServer:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length)
                 path = self.path.rstrip("/")
+                if path.endswith("/files"):
+                    content = _multipart_file(self.headers.get("Content-Type", ""), raw)
+                    if content is None:
+                        self._send_json(400, {"error": {"message": "expected a multipart file"}})
+                    else:
+                        self._send_json(200, server._create_file(content))
+                    return
+                if path.endswith("/batches"):
+                    self._send_json(200, server._create_batch(json.loads(raw or b"{}")))
+                    return
                 if not (path.endswith("/chat/completions") or path.endswith("/completions")):
                     self._send_json(404, {"error": {"message": f"no route {self.path}"}})
                     return
@@ -415,6 +543,20 @@ class OpenAITestServer:
                 self._send_json(200, reply)
 
         return Handler
+
+
+def _multipart_file(content_type: str, body: bytes) -> bytes | None:
+    """The `file` part of a multipart/form-data body."""
+    import email.parser
+    import email.policy
+
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + body
+    )
+    for part in message.iter_parts():
+        if part.get_param("name", header="content-disposition") == "file":
+            return part.get_payload(decode=True)
+    return None
 
 
 def main() -> None:
