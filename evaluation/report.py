@@ -144,6 +144,18 @@ def dataset_section(path: Path, seed_tasks: Path | None) -> str:
                 color=("#3b6ea8", "#d9822b", "#4f9a55")[color],
             )
         )
+    scores = [r["score"] for r in records if isinstance(r.get("score"), int | float)]
+    if scores:
+        parts.append(
+            histogram(
+                scores,
+                title=f"Judge scores (corral score): {len(scores)} of {len(records)} scored",
+                x_label="score",
+                range_=(1.0, 5.0),
+                bins=8,
+                color="#a8823b",
+            )
+        )
     lineage = lineage_path(path)
     if lineage.is_file():
         per_seed = records_per_seed(lineage)

@@ -147,3 +147,11 @@ def test_cli_score_then_audit_keeps_the_best(tmp_path, capsys):
     assert [r["instruction"] for r in read_alpaca(best)] == ["Tell a child what a comet is."]
     assert corral_main(["score", str(source), "--output", str(scored)]) == 2  # no judge given
     assert corral_main(["score", str(source), "--output", str(source), "--judge", "x"]) == 2
+
+
+def test_the_report_shows_the_score_histogram(tmp_path):
+    from evaluation.report import build_report
+
+    scored = tmp_path / "scored.json"
+    write_alpaca(scored, [{**r, "score": 1.0 + (i % 5)} for i, r in enumerate(RECORDS)])
+    assert "Judge scores (corral score): 7 of 7 scored" in build_report([scored])
