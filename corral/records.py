@@ -1,8 +1,13 @@
-"""Alpaca records and Self-Instruct seed tasks: read, validate, write.
+"""Alpaca records, conversations and Self-Instruct seed tasks: read, validate, write.
 
 Formats (the README's "Formats"):
 - Alpaca: a JSON list of {"instruction", "input", "output"} objects, or the same objects one per
-  line (JSONL). Extra keys are kept through a read/write round trip and never required.
+  line (JSONL). Extra keys are kept through a read/write round trip and never required. Dolly 15k
+  records ({instruction, context, response, category}) read as Alpaca (context -> input,
+  response -> output).
+- Conversations: ShareGPT ({"conversations": [{"from": "human"|"gpt"|"system", "value"}]}) or
+  OpenAI messages ({"messages": [{"role", "content"}]}); an Alpaca record is a one-turn
+  conversation. Read as {"messages": [{"role", "content"}], ...extra keys}.
 - Self-Instruct seeds: JSONL of {id, name, instruction, instances: [{input, output}], is_classification}.
 
 Every problem with a file raises `RecordError`, whose message names the file, the record (line for
@@ -110,7 +115,16 @@ def validate_alpaca_record(
     *,
     require_output: bool = True,
 ) -> dict[str, Any]:
-    """Check one Alpaca record; return it with `input` defaulted to "" (other keys untouched)."""
+    """Check one Alpaca record; return it with `input` defaulted to "" (other keys untouched).
+
+    A Dolly 15k record (`context`, `response`) is read as Alpaca: context -> input, response ->
+    output.
+    """
+    if "instruction" in obj and "output" not in obj and "response" in obj:
+        obj = {k: v for k, v in obj.items() if k not in ("context", "response")} | {
+            "input": obj.get("context", obj.get("input", "")),
+            "output": obj["response"],
+        }
     for name in ALPACA_FIELDS:
         required = name == "instruction" or (name == "output" and require_output)
         if name not in obj:
@@ -211,3 +225,107 @@ def read_seed_tasks(path: str | os.PathLike) -> list[SeedTask]:
     if not seeds:
         raise RecordError(path, "no seed tasks: the file holds an empty list")
     return seeds
+
+
+# ---------------------------------------------------------------- conversations
+
+CONVERSATION_ROLES = ("system", "user", "assistant")
+# ShareGPT speakers, as exported by the tools that collected it.
+SHAREGPT_SPEAKERS = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+}
+
+
+def _turns(obj: dict[str, Any], path: str | os.PathLike, loc: dict[str, int]) -> list[dict]:
+    """The turns of one record as [{role, content}], whichever format it is in."""
+    if "conversations" in obj:
+        key, role_key, text_key, roles = "conversations", "from", "value", SHAREGPT_SPEAKERS
+    else:
+        key, role_key, text_key = "messages", "role", "content"
+        roles = {r: r for r in CONVERSATION_ROLES} | {"developer": "system"}
+    turns = obj[key]
+    if not isinstance(turns, list) or not turns:
+        raise RecordError(path, "expected a non-empty list of turns", field=key, **loc)
+    messages = []
+    for number, turn in enumerate(turns):
+        where = f"turn {number}"
+        if not isinstance(turn, dict):
+            raise RecordError(path, f"{where}: expected an object", field=key, **loc)
+        speaker, text = turn.get(role_key), turn.get(text_key)
+        if not isinstance(speaker, str) or speaker.lower() not in roles:
+            raise RecordError(
+                path,
+                f"{where}: unknown speaker {speaker!r} (expected {', '.join(sorted(set(roles)))})",
+                field=role_key,
+                **loc,
+            )
+        if not isinstance(text, str):
+            raise RecordError(path, f"{where}: expected a string", field=text_key, **loc)
+        messages.append({"role": roles[speaker.lower()], "content": text})
+    return messages
+
+
+def _check_order(messages: list[dict], path: str | os.PathLike, loc: dict[str, int], key: str):
+    """System first (optional), then user and assistant turns in turn; an unanswered last user
+    turn is dropped (nothing to learn from it); at least one answer remains."""
+    while messages and messages[-1]["role"] == "user":
+        messages.pop()
+    start = 1 if messages and messages[0]["role"] == "system" else 0
+    for number, message in enumerate(messages[start:], start=start):
+        expected = "user" if (number - start) % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise RecordError(
+                path,
+                f"turn {number}: expected a {expected} turn, got {message['role']}",
+                field=key,
+                **loc,
+            )
+        if not message["content"].strip():
+            raise RecordError(
+                path, f"turn {number}: empty {message['role']} turn", field=key, **loc
+            )
+    if len(messages) - start < 2:
+        raise RecordError(path, "no answered user turn", field=key, **loc)
+    return messages
+
+
+def conversation_from_record(
+    obj: dict[str, Any], path: str | os.PathLike, loc: dict[str, int]
+) -> dict[str, Any]:
+    """One record (ShareGPT, OpenAI messages, or Alpaca/Dolly) as {"messages", ...extra keys}."""
+    if "conversations" in obj or "messages" in obj:
+        key = "conversations" if "conversations" in obj else "messages"
+        messages = _check_order(_turns(obj, path, loc), path, loc, key)
+        return {"messages": messages, **{k: v for k, v in obj.items() if k != key}}
+    record = validate_alpaca_record(obj, path, loc)
+    user = record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "")
+    extra = {k: v for k, v in record.items() if k not in ALPACA_FIELDS}
+    return {
+        "messages": [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": record["output"]},
+        ],
+        **extra,
+    }
+
+
+def read_conversations(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read conversations (ShareGPT, OpenAI messages, Alpaca or Dolly records; JSON or JSONL)."""
+    conversations = [
+        conversation_from_record(obj, path, loc) for obj, loc in iter_json_objects(path)
+    ]
+    if not conversations:
+        raise RecordError(path, "no records: the file holds an empty list")
+    return conversations
+
+
+def is_conversation(obj: dict[str, Any]) -> bool:
+    """Whether a raw record is a conversation (rather than an Alpaca record)."""
+    return "conversations" in obj or "messages" in obj

@@ -1,31 +1,46 @@
 """Every prompt format, defined once.
 
 Training (label masking) and inference (response extraction) both take their markers from here, so
-the two cannot drift apart. A template turns an (instruction, input) pair into:
+the two cannot drift apart. A template turns an (instruction, input) pair, or a conversation, into:
 
 - `prompt`: everything the model is given, ending right after the response marker;
 - `completion_suffix`: appended after the output at training time; it contains the end marker, so
   the model learns to stop;
 - `response_marker` / `end_marker`: the strings that delimit the answer in generated text.
 
-Formats: `alpaca` (Stanford Alpaca, with and without input; ends with the tokenizer's EOS),
-`dolly` (`### Instruction:` / `### Response:` / `### End`), and `chat` (the tokenizer's own chat
-template, with markers derived by rendering it).
+Formats:
+- `alpaca`: Stanford Alpaca, with and without input; the answer ends with the tokenizer's EOS;
+- `dolly`: `### Instruction:` / `### Response:` / `### End`;
+- `vicuna`: Vicuna v1.1 (FastChat): a system line, then `USER: ... ASSISTANT: ...</s>` turns,
+  the answer ending with the tokenizer's EOS;
+- `guanaco`: QLoRA's Guanaco: `### Human: ... ### Assistant: ...`, answers ending with EOS;
+- `chat`: the tokenizer's own chat template, with markers derived by rendering it.
+
+The four instruction formats are made of the same pieces (`Turns`): a system block, a user block
+ending with the response marker, an answer with its end marker, and what separates turns. From
+them come the single-turn prompt, the multi-turn prompt (`format_conversation`), the pieces a
+multi-turn training example is cut into (`conversation_segments`: only answers are trained), and
+an equivalent Jinja chat template for other engines (`jinja_chat_template`).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-TEMPLATE_NAMES = ("alpaca", "dolly", "chat")
+TEMPLATE_NAMES = ("alpaca", "dolly", "chat", "vicuna", "guanaco")
+SYSTEM_ROLES = ("system", "developer")
 
 ALPACA_RESPONSE_MARKER = "### Response:"
 DOLLY_RESPONSE_MARKER = "### Response:"
 DOLLY_END_MARKER = "### End"
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions."
+)
 
 _ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -53,9 +68,8 @@ _DOLLY_NO_INPUT = (
 
 _FIELD = re.compile(r"\{instruction\}|\{input\}")
 
-# Between replayed turns of a conversation in an instruction format.
+# Between replayed turns of a conversation in the Alpaca and Dolly formats.
 TURN_SEPARATOR = "\n\n"
-SYSTEM_ROLES = ("system", "developer")
 
 
 def _jinja_string(text: str) -> str:
@@ -68,8 +82,26 @@ _CHAT_PROBE = "\u2063CORRAL-ANSWER\u2063"
 
 
 @dataclass(frozen=True)
+class Turns:
+    """How an instruction format lays out a conversation.
+
+    system block = system_prefix + text + system_suffix (the default system text when the
+    conversation has none and `default_system` is set); a user turn = the no-input pattern with the
+    user's text; an answer = answer_prefix + text + completion suffix; after an answered turn comes
+    `after_answer`, after an unanswered one `after_unanswered`.
+    """
+
+    system_prefix: str = ""
+    system_suffix: str = TURN_SEPARATOR
+    default_system: str = ""
+    answer_prefix: str = ""
+    after_answer: str = TURN_SEPARATOR
+    after_unanswered: str = TURN_SEPARATOR
+
+
+@dataclass(frozen=True)
 class PromptTemplate:
-    """A prompt format with its markers. `format_prompt` is pure string work."""
+    """A prompt format with its markers. Pure string work."""
 
     name: str
     response_marker: str
@@ -79,61 +111,81 @@ class PromptTemplate:
     no_input: str = ""
     chat_prefix: str = ""  # chat only: the rendered conversation up to the user's message
     chat_infix: str = ""  # chat only: from the end of the user's message to the answer
+    turns: Turns = field(default_factory=Turns)
+
+    def _system_block(self, text: str) -> str:
+        return self.turns.system_prefix + text.strip() + self.turns.system_suffix
+
+    def _user_block(self, instruction: str, input: str = "") -> str:
+        pattern = self.with_input if input else self.no_input
+        # One pass over the pattern's own fields: user text may contain braces or "{input}".
+        values = {"{instruction}": instruction, "{input}": input}
+        return _FIELD.sub(lambda match: values[match.group(0)], pattern)
 
     def format_prompt(self, instruction: str, input: str = "") -> str:
         """The text the model sees, ending right after the response marker."""
         if self.name == "chat":
             user = instruction if not input else f"{instruction}\n\n{input}"
             return self.chat_prefix + user + self.chat_infix
-        pattern = self.with_input if input else self.no_input
-        # One pass over the pattern's own fields: user text may contain braces or "{input}".
-        values = {"{instruction}": instruction, "{input}": input}
-        return _FIELD.sub(lambda match: values[match.group(0)], pattern)
+        default = self.turns.default_system
+        return (self._system_block(default) if default else "") + self._user_block(
+            instruction, input
+        )
 
     def format_completion(self, output: str) -> str:
         """What follows the prompt in a training example: the answer and the end marker."""
-        return output + self.completion_suffix
+        return self.turns.answer_prefix + output + self.completion_suffix
 
     def format_example(self, instruction: str, input: str, output: str) -> tuple[str, str]:
         """(prompt, completion) for one Alpaca record; loss goes on the completion only."""
         return self.format_prompt(instruction, input), self.format_completion(output)
 
-    def format_conversation(self, messages: Sequence[dict[str, str]]) -> str:
-        """The prompt for a conversation that ends with a user message (alpaca, dolly).
+    def _pieces(self, messages: Sequence[dict[str, str]]) -> Iterator[tuple[str, bool]]:
+        """(text, is an answer) pieces of a conversation, in order (instruction formats)."""
+        if self.name == "chat":
+            raise ValueError("template 'chat' renders conversations with the tokenizer's template")
+        turns = self.turns
+        if turns.default_system and (not messages or messages[0]["role"] not in SYSTEM_ROLES):
+            yield self._system_block(turns.default_system), False
+        for position, message in enumerate(messages):
+            role, content = message["role"], message["content"]
+            following = messages[position + 1]["role"] if position + 1 < len(messages) else None
+            if role in SYSTEM_ROLES:
+                yield self._system_block(content), False
+            elif role == "user":
+                yield self._user_block(content), False
+                if following is not None and following != "assistant":
+                    # Turns render in order: a question nobody answered stays as it was asked.
+                    yield turns.after_unanswered, False
+            elif role == "assistant":
+                if position > 0 and messages[position - 1]["role"] == "user":
+                    yield self.format_completion(content), True
+                    if following is not None:
+                        yield turns.after_answer, False
+            else:
+                raise ValueError(f"unknown role {role!r}: expected system, user or assistant")
 
-        These formats are single-turn: a system message goes first, then each earlier turn is
-        replayed as prompt + answer + end marker, so a run trained on single-turn data sees its own
-        format. `chat` renders conversations with the tokenizer's own template instead.
+    def format_conversation(self, messages: Sequence[dict[str, str]]) -> str:
+        """The prompt for a conversation that ends with a user message (instruction formats).
+
+        A system message renders where it stands (the format's default system text goes first when
+        there is none); each earlier turn is replayed as prompt + answer + end marker, so a run
+        trained on single-turn data sees its own format. `chat` renders with the tokenizer's own
+        template instead.
         """
         if not messages or messages[-1].get("role") != "user":
             raise ValueError("the last message must come from the user")
-        parts: list[str] = []
-        pending_user: str | None = None
-        for message in messages:
-            role, content = message["role"], message["content"]
-            if role in SYSTEM_ROLES or role == "user":
-                # Turns render in order: a question nobody answered stays as it was asked.
-                if pending_user is not None:
-                    parts.append(self.format_prompt(pending_user) + TURN_SEPARATOR)
-                    pending_user = None
-                if role == "user":
-                    pending_user = content
-                else:
-                    parts.append(content.strip() + TURN_SEPARATOR)
-            elif role != "assistant":
-                raise ValueError(f"unknown role {role!r}: expected system, user or assistant")
-            elif pending_user is not None:
-                parts.append(
-                    self.format_prompt(pending_user)
-                    + self.format_completion(content)
-                    + TURN_SEPARATOR
-                )
-                pending_user = None
-        parts.append(self.format_prompt(pending_user or ""))
-        return "".join(parts)
+        return "".join(text for text, _ in self._pieces(messages))
+
+    def conversation_segments(self, messages: Sequence[dict[str, str]]) -> list[tuple[str, bool]]:
+        """A whole conversation as (text, trained) pieces: each answer and its end marker are
+        trained, everything else (system, user turns, separators) is not."""
+        if not messages or messages[-1].get("role") != "assistant":
+            raise ValueError("a training conversation ends with an assistant turn")
+        return [piece for piece in self._pieces(messages) if piece[0]]
 
     def jinja_chat_template(self, *, bos_token: bool = False) -> str:
-        """A tokenizer chat template that renders `format_conversation` exactly (alpaca, dolly).
+        """A tokenizer chat template that renders `format_conversation` exactly.
 
         Saved with an export, it makes any server that applies the tokenizer's chat template
         (vLLM, llama.cpp, Ollama, transformers) prompt the model in the format it was trained on.
@@ -142,22 +194,33 @@ class PromptTemplate:
         """
         if self.name == "chat":
             raise ValueError("template 'chat' is the tokenizer's own chat template already")
+        turns = self.turns
         prefix, suffix = self.no_input.split("{instruction}")
         text = _jinja_string
+        default = ""
+        if turns.default_system:
+            default = (
+                "{%- if not messages or messages[0]['role'] not in ['system', 'developer'] -%}"
+                "{{- " + text(self._system_block(turns.default_system)) + " -}}{%- endif -%}"
+            )
         return (
-            ("{{- bos_token -}}" if bos_token else "") + "{%- for message in messages -%}"
+            ("{{- bos_token -}}" if bos_token else "") + default + "{%- for message in messages -%}"
             "{%- if message['role'] in ['system', 'developer'] -%}"
-            "{{- message['content'] | trim -}}{{- " + text(TURN_SEPARATOR) + " -}}"
+            "{{- " + text(turns.system_prefix) + " -}}{{- message['content'] | trim -}}"
+            "{{- " + text(turns.system_suffix) + " -}}"
             "{%- elif message['role'] == 'user' -%}"
             "{{- " + text(prefix) + " -}}{{- message['content'] -}}{{- " + text(suffix) + " -}}"
             "{%- if not loop.last and messages[loop.index0 + 1]['role'] != 'assistant' -%}"
-            "{{- " + text(TURN_SEPARATOR) + " -}}"
+            "{{- " + text(turns.after_unanswered) + " -}}"
             "{%- endif -%}"
             "{%- elif message['role'] == 'assistant' and not loop.first "
             "and messages[loop.index0 - 1]['role'] == 'user' -%}"
-            "{{- message['content'] -}}{{- "
-            + text(self.completion_suffix + TURN_SEPARATOR)
+            "{{- "
+            + text(turns.answer_prefix)
+            + " -}}{{- message['content'] -}}{{- "
+            + text(self.completion_suffix)
             + " -}}"
+            "{%- if not loop.last -%}{{- " + text(turns.after_answer) + " -}}{%- endif -%}"
             "{%- endif -%}"
             "{%- endfor -%}"
         )
@@ -192,6 +255,38 @@ def dolly_template() -> PromptTemplate:
         completion_suffix="\n\n" + DOLLY_END_MARKER,
         with_input=_DOLLY_WITH_INPUT,
         no_input=_DOLLY_NO_INPUT,
+    )
+
+
+def vicuna_template(eos_token: str = "</s>") -> PromptTemplate:
+    """Vicuna v1.1: `SYSTEM USER: question ASSISTANT: answer</s>USER: ...` (FastChat's layout)."""
+    return PromptTemplate(
+        name="vicuna",
+        response_marker="ASSISTANT:",
+        end_marker=eos_token,
+        completion_suffix=eos_token,
+        with_input="USER: {instruction}\n\n{input} ASSISTANT:",
+        no_input="USER: {instruction} ASSISTANT:",
+        turns=Turns(
+            system_suffix=" ",
+            default_system=VICUNA_SYSTEM,
+            answer_prefix=" ",
+            after_answer="",
+            after_unanswered=" ",
+        ),
+    )
+
+
+def guanaco_template(eos_token: str = "</s>") -> PromptTemplate:
+    """Guanaco (QLoRA on OASST1): `### Human: question ### Assistant: answer</s>`."""
+    return PromptTemplate(
+        name="guanaco",
+        response_marker="### Assistant:",
+        end_marker=eos_token,
+        completion_suffix=eos_token,
+        with_input="### Human: {instruction}\n\n{input} ### Assistant:",
+        no_input="### Human: {instruction} ### Assistant:",
+        turns=Turns(system_suffix="\n", answer_prefix=" ", after_answer="", after_unanswered=" "),
     )
 
 
@@ -242,6 +337,48 @@ def chat_template(tokenizer: Any, system_prompt: str | None = None) -> PromptTem
     )
 
 
+def chat_conversation_segments(
+    tokenizer: Any, template: PromptTemplate, messages: Sequence[dict[str, str]]
+) -> list[tuple[str, bool]]:
+    """A conversation in the tokenizer's own chat template as (text, trained) pieces.
+
+    Rendered turn by turn: what the template adds for an assistant turn, up to and including its
+    end marker, is trained; the rest (system and user turns, the generation prompt, whatever the
+    template puts after the end marker) is not. Templates that rewrite earlier turns when a later
+    one is added (so that a shorter conversation's rendering is not a prefix of the longer one's)
+    cannot be cut this way and are refused.
+    """
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ValueError("a training conversation ends with an assistant turn")
+
+    def render(upto: int, generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(
+            list(messages[:upto]), tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    full = render(len(messages), False)
+    pieces: list[tuple[str, bool]] = []
+    done = 0  # characters of `full` already cut into pieces
+    for position, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(position, True)
+        answer_end = len(render(position + 1, False))
+        rendered = full[:answer_end]
+        if not full.startswith(before) or not rendered.startswith(before):
+            raise ValueError(
+                "the tokenizer's chat template rewrites earlier turns; train this data with an "
+                "instruction template (alpaca, dolly, vicuna, guanaco) instead"
+            )
+        answer = rendered[len(before) :]
+        stop = answer.find(template.end_marker) if template.end_marker else -1
+        trained = answer[: stop + len(template.end_marker)] if stop >= 0 else answer
+        pieces += [(full[done : len(before)], False), (trained, True)]
+        done = len(before) + len(trained)
+    pieces.append((full[done:], False))
+    return [piece for piece in pieces if piece[0]]
+
+
 def single_token_id(tokenizer: Any, text: str) -> int | None:
     """The id of `text` when the tokenizer encodes it as exactly one token, else None."""
     if not text:
@@ -289,6 +426,9 @@ def get_template(
         return alpaca_template(eos)
     if name == "dolly":
         return dolly_template()
+    if name in ("vicuna", "guanaco"):
+        eos = eos_token or getattr(tokenizer, "eos_token", None) or "</s>"
+        return vicuna_template(eos) if name == "vicuna" else guanaco_template(eos)
     if name == "chat":
         if tokenizer is None:
             raise ValueError("template 'chat' needs the model's tokenizer")

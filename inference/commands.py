@@ -9,6 +9,8 @@ import argparse
 import os
 import sys
 
+from corral.templates import TEMPLATE_NAMES
+
 API_KEY_ENV = "CORRAL_API_KEY"
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
@@ -42,7 +44,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tr
     )
     parser.add_argument(
         "--template",
-        choices=("alpaca", "dolly", "chat"),
+        choices=TEMPLATE_NAMES,
         help="prompt template for --model (default: chat when the tokenizer has one, else alpaca); "
         "a --run always uses the template it was trained with",
     )

@@ -9,9 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corral.templates import alpaca_template, dolly_template
+from corral.templates import alpaca_template, dolly_template, guanaco_template, vicuna_template
 
-TEMPLATES = {"alpaca": alpaca_template("<|im_end|>"), "dolly": dolly_template()}
+TEMPLATES = {
+    "alpaca": alpaca_template("<|im_end|>"),
+    "dolly": dolly_template(),
+    "vicuna": vicuna_template("<|im_end|>"),
+    "guanaco": guanaco_template("<|im_end|>"),
+}
 
 text = st.text(
     alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r"), max_size=40

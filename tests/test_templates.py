@@ -78,8 +78,8 @@ def test_alpaca_end_marker_is_the_tokenizer_eos(embedded_tokenizer):
 
 
 def test_unknown_template_and_chat_without_tokenizer():
-    with pytest.raises(ValueError, match="unknown template 'vicuna'"):
-        get_template("vicuna")
+    with pytest.raises(ValueError, match="unknown template 'mistral'"):
+        get_template("mistral")
     with pytest.raises(ValueError, match="needs the model's tokenizer"):
         get_template("chat")
-    assert set(TEMPLATE_NAMES) == {"alpaca", "dolly", "chat"}
+    assert set(TEMPLATE_NAMES) == {"alpaca", "dolly", "chat", "vicuna", "guanaco"}

@@ -27,8 +27,12 @@ class TrainConfig:
     data_split: str = field(
         default="train", metadata={"help": "split to read when `data` is a datasets id or folder"}
     )
-    template: Literal["alpaca", "dolly", "chat"] = field(
-        default="alpaca", metadata={"help": "prompt format from corral.templates"}
+    template: Literal["alpaca", "dolly", "chat", "vicuna", "guanaco"] = field(
+        default="alpaca",
+        metadata={
+            "help": "prompt format from corral.templates; conversations (ShareGPT, OpenAI "
+            "messages) are trained on every answer in it"
+        },
     )
     max_length: int = field(
         default=512, metadata={"help": "maximum tokens per example (prompt + answer + end marker)"}

@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corral.records import RecordError, read_alpaca, validate_alpaca_record
+from corral.records import (
+    RecordError,
+    conversation_from_record,
+    is_conversation,
+    iter_json_objects,
+    read_alpaca,
+    read_conversations,
+    validate_alpaca_record,
+)
 from corral.templates import PromptTemplate, encode_prompt
 
 IGNORE_INDEX = -100  # label value that carries no loss (PyTorch cross-entropy convention)
@@ -151,12 +159,18 @@ def tokenize_records(
 
 
 def load_records(data: str, *, split: str = "train") -> list[dict[str, Any]]:
-    """Alpaca records from a JSON/JSONL file, a `datasets` folder, or a `datasets` hub id."""
+    """Training records from a JSON/JSONL file, a `datasets` folder, or a `datasets` hub id.
+
+    Alpaca (and Dolly) records come back as Alpaca records; when the first record is a
+    conversation (ShareGPT `conversations` or OpenAI `messages`), every record is read as a
+    conversation `{"messages": [...]}` (an Alpaca record among them as one turn).
+    """
     if not data:
         raise RecordError("<config>", "no training data: set data=PATH (Alpaca JSON or JSONL)")
     path = Path(data).expanduser()
     if path.is_file():
-        return read_alpaca(path)
+        first = next(iter_json_objects(path), ({}, {}))[0]
+        return read_conversations(path) if is_conversation(first) else read_alpaca(path)
     looks_like_hub_id = not path.suffix and not os.path.isabs(data) and not data.startswith(".")
     if path.is_dir() or looks_like_hub_id:
         return _load_datasets_records(data, path, split)
@@ -180,9 +194,9 @@ def _load_datasets_records(data: str, path: Path, split: str) -> list[dict[str, 
         if split not in loaded:
             raise RecordError(data, f"no split {split!r} (has {', '.join(loaded)})")
         loaded = loaded[split]
-    records = [
-        validate_alpaca_record(dict(row), data, {"index": i}) for i, row in enumerate(loaded)
-    ]
+    rows = [dict(row) for row in loaded]
+    read = conversation_from_record if rows and is_conversation(rows[0]) else validate_alpaca_record
+    records = [read(row, data, {"index": i}) for i, row in enumerate(rows)]
     if not records:
         raise RecordError(data, f"split {split!r} holds no records")
     return records

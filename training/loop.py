@@ -381,12 +381,19 @@ def prepare_examples(config: TrainConfig, tokenizer: Any, template: Any) -> tupl
         "train_on_inputs": config.train_on_inputs,
         "source": config.data,
     }
-    train_examples, report = tokenize_records(train_records, tokenizer, template, **common)
+    tokenize = tokenize_records
+    if records and "messages" in records[0]:
+        from training.conversations import tokenize_conversations
+
+        # Conversations: the loss on every answer; the prompt is never trained.
+        common.pop("train_on_inputs")
+        tokenize = tokenize_conversations
+    train_examples, report = tokenize(train_records, tokenizer, template, **common)
     val_examples: list = []
     if val_records:
         # The validation split may lose every record to max_length without being an error.
         try:
-            val_examples, _ = tokenize_records(val_records, tokenizer, template, **common)
+            val_examples, _ = tokenize(val_records, tokenizer, template, **common)
         except RecordError:
             val_examples = []
     return train_examples, val_examples, report
