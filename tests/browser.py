@@ -1,7 +1,9 @@
 """A real headless Chromium for page tests (Debian's chromium, driven by playwright).
 
-Tests skip with the reason when Chromium or playwright is missing. The flags keep Chromium from
-reaching for the network at start-up, which this machine's closed network would refuse.
+Tests skip with the reason when Chromium is missing: it is a system package, not a Python one.
+playwright is a dev dependency and is imported normally, so a broken install fails the page tests
+instead of skipping them. The flags keep Chromium from reaching for the network at start-up, which
+this machine's closed network would refuse.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
+from playwright.sync_api import sync_playwright
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -37,8 +40,7 @@ def chromium_path() -> str:
 def chromium_page(width: int = 1000, height: int = 800) -> Iterator:
     """A playwright page in headless Chromium; console errors are collected in `page.errors`."""
     executable = chromium_path()
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    with sync_api.sync_playwright() as pw:
+    with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": width, "height": height})

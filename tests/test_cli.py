@@ -29,12 +29,19 @@ def test_every_subcommand_has_help(capsys):
         assert "usage: corral" in capsys.readouterr().out
 
 
-def test_help_is_fast_and_lists_the_commands():
+def test_top_level_help_lists_every_command_and_exits_0():
+    """`python -m corral.cli --help` in a fresh process: every command, with its one-line help."""
     result = subprocess.run(
         [sys.executable, "-m", "corral.cli", "--help"], capture_output=True, text=True
     )
-    assert result.returncode == 0
-    assert "model" in result.stdout and "demo" in result.stdout
+    assert result.returncode == 0, result.stderr
+    [subparsers] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    commands = {choice.dest: choice.help for choice in subparsers._choices_actions}
+    assert commands.keys() == subparsers.choices.keys()  # every command has a help line
+    assert {"model", "generate", "train", "serve", "eval", "demo"} <= commands.keys()
+    listed = " ".join(result.stdout.split())  # argparse wraps long help lines
+    for name, help_text in commands.items():
+        assert f" {name} {' '.join(help_text.split())}" in listed, name
 
 
 def test_unknown_model_folder_is_one_line_exit_2(capsys):

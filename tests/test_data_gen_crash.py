@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from openai_test_server import OpenAITestServer
+from servers import wait_until
 
 from corral.records import read_alpaca
 from data_gen.config import GenerateConfig
@@ -74,17 +75,22 @@ def start_run(base_url: str, output: Path) -> subprocess.Popen:
 
 def kill_when(proc: subprocess.Popen, condition, timeout: float = 60.0) -> bool:
     """SIGKILL `proc` as soon as `condition()` holds; False if it finished first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        if condition():
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-            return True
-        time.sleep(0.005)
-    proc.kill()
-    raise AssertionError("the run neither finished nor reached the kill point in time")
+    try:
+        wait_until(
+            lambda: proc.poll() is not None or condition(),
+            timeout=timeout,
+            what="the run neither finished nor reached the kill point",
+            interval=0.005,
+        )
+    except TimeoutError:
+        proc.kill()
+        proc.wait(timeout=30)
+        raise
+    if proc.returncode is not None:
+        return False
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    return True
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from corral.records import read_alpaca
 from corral.rouge import RougeNoveltyIndex
 from data_gen.config import GenerateConfig
 from data_gen.filters import InstructionRules
+from data_gen.parsers import parse_classification_answer
 from data_gen.pipeline import generate_dataset
 from data_gen.teachers import LocalTeacher, SamplingParams
 
@@ -68,7 +69,16 @@ def test_alpaca_mode_with_the_embedded_teacher(tmp_path, embedded_teacher):
 
 
 @pytest.mark.slow
-def test_self_instruct_mode_with_the_embedded_teacher(tmp_path, embedded_teacher):
+def test_self_instruct_mode_with_the_embedded_teacher(tmp_path, embedded_teacher, monkeypatch):
+    calls: list[tuple[str, str]] = []  # (prompt, completion text) of every teacher call
+    complete = embedded_teacher.complete
+
+    def recording(prompts, params):
+        completions = complete(prompts, params)
+        calls.extend((p, c.text) for p, c in zip(prompts, completions, strict=True))
+        return completions
+
+    monkeypatch.setattr(embedded_teacher, "complete", recording)
     config = GenerateConfig(
         mode="self-instruct",
         api="completions",
@@ -86,4 +96,12 @@ def test_self_instruct_mode_with_the_embedded_teacher(tmp_path, embedded_teacher
     check_records(result, config)
     journal = [json.loads(line) for line in result.journal_path.read_text().splitlines()]
     [task] = [entry for entry in journal if entry["kind"] == "task"]
-    assert task["is_classification"] in (True, False) and task["instances"]
+    assert task["instances"]
+    # The flag is what the teacher answered to "Is it classification?" for this instruction ...
+    task_line = f"Task: {' '.join(task['instruction'].split())}\n"
+    answers = [text for p, text in calls if p.endswith(task_line + "Is it classification?")]
+    assert answers, "the classification step never asked about the kept instruction"
+    assert task["is_classification"] is bool(parse_classification_answer(answers[-1]))
+    # ... and it chose the instance prompt: output-first for classification, input-first else.
+    open_slot = "Class label:" if task["is_classification"] else "Example 1\nInput:"
+    assert any(p.endswith(task_line + open_slot) for p, _ in calls)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
-from openai_test_server import OpenAITestServer
+from openai_test_server import _LABEL_SETS, OpenAITestServer, canned_teacher_reply
 
 from corral.cli import main as corral_main
 from corral.config import load_config
@@ -118,7 +119,25 @@ def test_self_instruct_mode_end_to_end(tmp_path):
         for line in result.journal_path.read_text().splitlines()
         if '"kind": "task"' in line
     ]
-    assert all(t["is_classification"] in (True, False) and t["instances"] for t in journal_tasks)
+    assert all(t["instances"] for t in journal_tasks)
+    # Each task's flag is the canned teacher's answer for that instruction (it says Yes to
+    # classify/label/whether/... tasks), and the run met both kinds.
+    answers = {}
+    for prompt in prompts:
+        if prompt.endswith("\nIs it classification?"):
+            instruction = prompt.rsplit("Task: ", 1)[1].removesuffix("\nIs it classification?")
+            reply = canned_teacher_reply(prompt, random.Random(0), chat=False)
+            answers[instruction] = reply.strip() == "Yes"
+    assert {t["is_classification"] for t in journal_tasks} == {True, False}
+    for task in journal_tasks:
+        assert task["is_classification"] is answers[task["instruction"]], task["instruction"]
+        # The flag chose the instance prompt: classification tasks got class labels as outputs,
+        # the others the canned answers.
+        outputs = [instance["output"] for instance in task["instances"]]
+        if task["is_classification"]:
+            assert set(outputs) <= {label for pair in _LABEL_SETS for label in pair}, outputs
+        else:
+            assert all(o.startswith("Here is a careful answer about") for o in outputs), outputs
 
 
 def test_the_shared_175_seed_tasks_drive_a_run(tmp_path, seed_tasks_path):

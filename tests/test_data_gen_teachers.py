@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import pytest
@@ -82,8 +83,10 @@ def test_retry_after_is_honoured():
         finally:
             teacher.close()
     assert isinstance(result, Completion)
-    # Backoff alone would wait about a millisecond; the server asked for 0.6 s.
+    # Backoff alone would wait about a millisecond; the server asked for 0.6 s. A lower bound
+    # only: a busy machine makes the wait longer, never shorter, so this cannot flake.
     assert waited >= 0.6
+    assert server.stats["429"] == 1 and teacher.stats.retries == 1
 
 
 def test_a_request_that_keeps_failing_is_reported_not_raised():
@@ -116,18 +119,44 @@ def test_no_key_and_no_endpoint_is_a_clear_error(monkeypatch):
         OpenAICompatibleTeacher("gpt-x", api_key_env="CORRAL_TEST_MISSING_KEY")
 
 
-def test_concurrency_keeps_many_requests_in_flight():
-    with OpenAITestServer(echo, latency=0.2) as server:
-        teacher = make_teacher(server, concurrency=16)
+class InFlight:
+    """A responder that counts the requests the server holds at once. Each waits (on an event, not
+    a clock) until `target` are in flight together, so the count shows the client's concurrency
+    however slowly a busy machine delivers them; after that every request answers at once."""
+
+    def __init__(self, target: int, patience: float = 60.0) -> None:
+        self.target = target
+        self.patience = patience
+        self.now = self.most = 0
+        self.reached = threading.Event()
+        self._lock = threading.Lock()
+
+    def __call__(self, prompt: str, request: dict) -> str:
+        with self._lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+            if self.now >= self.target:
+                self.reached.set()
         try:
-            started = time.monotonic()
+            self.reached.wait(self.patience)  # a client that never gets there fails below
+            return echo(prompt, request)
+        finally:
+            with self._lock:
+                self.now -= 1
+
+
+def test_concurrency_keeps_many_requests_in_flight():
+    in_flight = InFlight(target=16)
+    with OpenAITestServer(in_flight) as server:
+        teacher = make_teacher(server, concurrency=16, timeout=120.0)
+        try:
             results = teacher.complete([str(i) for i in range(32)], SamplingParams())
-            elapsed = time.monotonic() - started
         finally:
             teacher.close()
-    assert all(isinstance(r, Completion) for r in results)
-    # 32 requests of 0.2 s each, 16 at a time: about 0.4 s; one at a time would take 6.4 s.
-    assert elapsed < 2.5
+    assert [r.text for r in results] == [f"echo: {i}" for i in range(32)]
+    # 16 requests were in flight together, and never more than the configured concurrency.
+    assert in_flight.reached.is_set() and in_flight.most == 16
+    assert teacher.stats.requests == 32 and teacher.stats.retries == 0
 
 
 def test_backoff_grows_exponentially_with_jitter_and_respects_retry_after():

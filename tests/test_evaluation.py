@@ -1,4 +1,7 @@
-"""`corral eval`: ROUGE-L against references and a pairwise judge in both answer orders."""
+"""`corral eval`: ROUGE-L against references and a pairwise judge in both answer orders.
+
+Only the test of the user-oriented set itself needs the Self-Instruct reference data (and skips
+without it); the others use a small evaluation set in the same format, written here."""
 
 from __future__ import annotations
 
@@ -50,6 +53,48 @@ def test_judge_prompt_places_answers_and_input():
     assert "### Input:" not in judge_prompt(EvalItem("Say hi.", "", "hi"), "x", "y")
 
 
+EVAL_TASKS = [
+    {
+        "id": "task_0",
+        "motivation_app": "Notes",
+        "instruction": "Fix the spelling mistakes in the sentence.",
+        "instances": [{"input": "I recieved teh letter.", "output": "I received the letter."}],
+    },
+    {
+        "id": "task_1",
+        "motivation_app": "Mail",
+        "instruction": "Write a one-line subject for the email.",
+        "instances": [
+            {"input": "The meeting moves to Friday at 10.", "output": "Meeting moved to Friday"},
+            {"input": "Lunch is on us today.", "output": "Free lunch today"},
+        ],
+    },
+    {
+        "id": "task_2",
+        "motivation_app": "Maps",
+        "instruction": "Name the capital of France.",
+        "instances": [{"input": "", "output": "Paris"}],
+    },
+]
+
+
+def write_eval_set(path):
+    path.write_text("".join(json.dumps(task) + "\n" for task in EVAL_TASKS))
+    return path
+
+
+def test_eval_set_reads_the_first_instance_of_each_task(tmp_path):
+    items = read_eval_set(write_eval_set(tmp_path / "eval.jsonl"))
+    assert items == [
+        EvalItem("Fix the spelling mistakes in the sentence.", "I recieved teh letter.",
+                 "I received the letter."),
+        EvalItem("Write a one-line subject for the email.", "The meeting moves to Friday at 10.",
+                 "Meeting moved to Friday"),
+        EvalItem("Name the capital of France.", "", "Paris"),
+    ]  # fmt: skip
+    assert read_eval_set(tmp_path / "eval.jsonl", limit=2) == items[:2]
+
+
 def test_user_oriented_set_reads_first_instances(user_oriented_path):
     items = read_eval_set(user_oriented_path)
     assert len(items) == 252
@@ -65,11 +110,12 @@ def test_endpoint_judge_parses_replies_from_a_real_server():
 
 
 @pytest.mark.slow
-def test_eval_with_embedded_as_contestants_and_judge(user_oriented_path, tmp_path, capsys):
+def test_eval_with_embedded_as_contestants_and_judge(tmp_path, capsys):
+    eval_set = write_eval_set(tmp_path / "eval_set.jsonl")
     out = tmp_path / "eval.json"
     code = main(
         [
-            "eval", "--eval-set", str(user_oriented_path), "--base", "embedded",
+            "eval", "--eval-set", str(eval_set), "--base", "embedded",
             "--tuned", "embedded", "--limit", "2", "--max-new-tokens", "12",
             "--judge", "embedded", "--output", str(out),
         ]

