@@ -44,7 +44,8 @@ def main() -> None:
     parser.add_argument("--judge-items", type=int, default=20)
     args = parser.parse_args()
 
-    from evaluation.evaluate import LocalJudge, evaluate
+    from data_gen.judges import LocalJudge
+    from evaluation.evaluate import evaluate
     from evaluation.score import LocalScorer, score_file
     from training.demo import train_demo_adapter
 

@@ -22,24 +22,35 @@ def run_eval(args: argparse.Namespace) -> int:
     import json
 
     from corral.errors import UsageError
-    from corral.fileio import atomic_write_text
-    from evaluation.evaluate import EndpointJudge, LocalJudge, evaluate, format_table
+    from corral.fileio import atomic_write_text, check_output_path
+    from data_gen.judges import EndpointJudge, LocalJudge
+    from data_gen.teachers import TeacherError
+    from evaluation.evaluate import evaluate, format_table
 
     if args.judge and args.judge_base_url:
         raise UsageError("give --judge (a local model) or --judge-base-url (an endpoint), not both")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    check_output_path(args.output, inputs=(args.eval_set,))
     judge = None
-    if args.judge_base_url:
-        judge = EndpointJudge(args.judge_model, args.judge_base_url)
-    elif args.judge:
-        judge = LocalJudge(args.judge)
-    result = evaluate(
-        args.eval_set,
-        args.base,
-        args.tuned,
-        limit=args.limit,
-        max_new_tokens=args.max_new_tokens,
-        judge=judge,
-    )
+    try:
+        if args.judge_base_url:
+            judge = EndpointJudge(args.judge_model, args.judge_base_url)
+        elif args.judge:
+            judge = LocalJudge(args.judge)
+        result = evaluate(
+            args.eval_set,
+            args.base,
+            args.tuned,
+            limit=args.limit,
+            max_new_tokens=args.max_new_tokens,
+            judge=judge,
+        )
+    except TeacherError as exc:
+        raise UsageError(f"the judge failed: {exc}") from None
+    finally:
+        if judge is not None:
+            judge.close()
     atomic_write_text(args.output, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print(format_table(result))
     print(f"results written to {args.output}")
@@ -47,7 +58,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from corral.fileio import check_output_path
     from evaluation.report import write_report
+
+    check_output_path(args.output, inputs=(*args.inputs, args.seed_tasks))
 
     output = write_report([Path(p) for p in args.inputs], Path(args.output), args.seed_tasks)
     print(f"report written to {output}")

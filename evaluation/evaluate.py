@@ -12,30 +12,14 @@ output}]`) or Alpaca records. It is for evaluation only: never train on it.
 
 from __future__ import annotations
 
-import re
 import statistics
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from corral.records import read_seed_tasks
-
-JUDGE_PROMPT = """You are an impartial judge. Compare two responses to the same instruction and \
-decide which one follows the instruction better: more helpful, correct and relevant.
-
-### Instruction:
-{instruction}
-{input_block}
-### Response A:
-{answer_a}
-
-### Response B:
-{answer_b}
-
-Which response is better? Reply with a single letter: A or B."""
-
-_VERDICT = re.compile(r"\b(?:response\s*)?([AB])\b", re.IGNORECASE)
+from data_gen.judges import combine_orders, judge_prompt
+from data_gen.teachers import TeacherError
 
 
 @dataclass
@@ -52,106 +36,6 @@ def read_eval_set(path: str | Path, limit: int | None = None) -> list[EvalItem]:
         first = task.instances[0]
         items.append(EvalItem(task.instruction, first["input"], first["output"]))
     return items[:limit] if limit else items
-
-
-def judge_prompt(item: EvalItem, answer_a: str, answer_b: str) -> str:
-    input_block = f"\n### Input:\n{item.input}\n" if item.input.strip() else ""
-    return JUDGE_PROMPT.format(
-        instruction=item.instruction, input_block=input_block, answer_a=answer_a, answer_b=answer_b
-    )
-
-
-def parse_verdict(text: str) -> str | None:
-    """'A', 'B', or None when the judge's reply names neither (or both first at once)."""
-    match = _VERDICT.search(text.strip())
-    return match.group(1).upper() if match else None
-
-
-def combine_orders(first: str | None, second: str | None) -> str:
-    """Winner of one item from verdicts in both orders: first = (base A, tuned B), second swapped."""
-    if first == "B" and second == "A":
-        return "tuned"
-    if first == "A" and second == "B":
-        return "base"
-    return "tie"
-
-
-class LocalJudge:
-    """A local causal LM as judge: reads its next-token scores of the answer labels.
-
-    Reading the labels' scores (`A`/`B` for a pairwise verdict, `1`..`5` for a score) instead of
-    sampling text means even a small model always answers, and the same inputs always get the
-    same answer.
-    """
-
-    def __init__(self, model: str, labels: Sequence[str] = ("A", "B")) -> None:
-        import torch
-
-        from corral.models import load_model, load_tokenizer, quiet_transformers
-
-        with quiet_transformers():
-            self.tokenizer = load_tokenizer(model, padding_side="left")
-            self.model = load_model(model, dtype=torch.float32, tokenizer=self.tokenizer)
-        self.model.eval()
-        self.name = model
-        self.label_ids = {
-            label: sorted(
-                {
-                    ids[0]
-                    for text in (label, f" {label}")
-                    if len(ids := self.tokenizer(text, add_special_tokens=False).input_ids) == 1
-                }
-            )
-            for label in labels
-        }
-
-    def _render(self, prompt: str) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-        return prompt + "\n\nAnswer:"
-
-    def label_probabilities(self, prompts: Sequence[str]) -> list[dict[str, float]]:
-        """For each prompt, the probability of each label as the next token, among the labels."""
-        import torch
-
-        found: list[dict[str, float]] = []
-        for start in range(0, len(prompts), 4):
-            batch = [self._render(p) for p in prompts[start : start + 4]]
-            encoded = self.tokenizer(batch, return_tensors="pt", padding=True)
-            with torch.inference_mode():
-                logits = self.model(**encoded).logits[:, -1, :].float()
-            for row in logits:
-                best = torch.stack([row[ids].max() for ids in self.label_ids.values()])
-                found.append(dict(zip(self.label_ids, best.softmax(-1).tolist(), strict=True)))
-        return found
-
-    def judge(self, prompts: Sequence[str]) -> list[str | None]:
-        return ["A" if p["A"] >= p["B"] else "B" for p in self.label_probabilities(prompts)]
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": "local", "model": self.name, "method": "next-token score of A vs B"}
-
-
-class EndpointJudge:
-    """Any OpenAI-compatible endpoint as judge (chat API, temperature 0, a few tokens)."""
-
-    def __init__(self, model: str, base_url: str | None, concurrency: int = 8) -> None:
-        from data_gen.teachers import OpenAICompatibleTeacher
-
-        self.teacher = OpenAICompatibleTeacher(model, base_url=base_url, concurrency=concurrency)
-
-    def judge(self, prompts: Sequence[str]) -> list[str | None]:
-        from data_gen.teachers import Completion, SamplingParams
-
-        replies = self.teacher.complete(
-            list(prompts), SamplingParams(temperature=0.0, max_tokens=8)
-        )
-        return [parse_verdict(r.text) if isinstance(r, Completion) else None for r in replies]
-
-    def describe(self) -> dict[str, Any]:
-        return {**self.teacher.describe(), "method": "reply parsed for A or B"}
 
 
 def _answer_all(model_or_run: str, items: list[EvalItem], max_new_tokens: int) -> list[Any]:
@@ -205,12 +89,21 @@ def evaluate(
         base_texts = [a.text for a in answers["base"]]
         tuned_texts = [a.text for a in answers["tuned"]]
         prompts = [
-            judge_prompt(i, b, t) for i, b, t in zip(items, base_texts, tuned_texts, strict=True)
+            judge_prompt(i.instruction, i.input, b, t)
+            for i, b, t in zip(items, base_texts, tuned_texts, strict=True)
         ]
         prompts += [
-            judge_prompt(i, t, b) for i, b, t in zip(items, base_texts, tuned_texts, strict=True)
+            judge_prompt(i.instruction, i.input, t, b)
+            for i, b, t in zip(items, base_texts, tuned_texts, strict=True)
         ]
         verdicts = judge.judge(prompts)
+        unparsed = sum(v is None for v in verdicts)
+        if unparsed > len(verdicts) // 2:
+            # Mostly unparsed verdicts would read as "all ties": a failure, not a result.
+            raise TeacherError(
+                f"{unparsed} of {len(verdicts)} verdicts could not be read from the judge's "
+                "replies (a request that failed every retry, or a reply naming neither A nor B)"
+            )
         first, second = verdicts[: len(items)], verdicts[len(items) :]
         outcomes = [combine_orders(a, b) for a, b in zip(first, second, strict=True)]
         for row, a, b, outcome in zip(result["items"], first, second, outcomes, strict=True):

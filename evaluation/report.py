@@ -265,7 +265,10 @@ def build_report(paths: list[Path], seed_tasks: Path | None = None) -> str:
             continue
         if not path.is_file():
             raise RecordError(path, "file not found")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise RecordError(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         stripped = text.lstrip()
         if stripped.startswith("{") and '"corral-eval"' in stripped[:200]:
             sections.append(eval_section(path, json.loads(text)))

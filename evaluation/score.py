@@ -103,7 +103,7 @@ class LocalScorer:
     """A local model as judge: the expected digit under its next-token distribution over 1-5."""
 
     def __init__(self, model: str, batch_size: int = 4) -> None:
-        from evaluation.evaluate import LocalJudge
+        from data_gen.judges import LocalJudge
 
         self.judge = LocalJudge(model, labels=tuple(str(n) for n in SCORES))
         self.batch_size = batch_size

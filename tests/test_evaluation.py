@@ -11,14 +11,8 @@ import pytest
 from openai_test_server import OpenAITestServer
 
 from corral.cli import main
-from evaluation.evaluate import (
-    EndpointJudge,
-    EvalItem,
-    combine_orders,
-    judge_prompt,
-    parse_verdict,
-    read_eval_set,
-)
+from data_gen.judges import EndpointJudge, combine_orders, judge_prompt, parse_verdict
+from evaluation.evaluate import EvalItem, read_eval_set
 
 
 def test_parse_verdict():
@@ -45,12 +39,12 @@ def test_a_win_needs_both_orders(first, second, winner):
 
 def test_judge_prompt_places_answers_and_input():
     item = EvalItem("Sum the numbers.", "1, 2", "3")
-    prompt = judge_prompt(item, "first answer", "second answer")
+    prompt = judge_prompt(item.instruction, item.input, "first answer", "second answer")
     assert prompt.index("### Response A:\nfirst answer") < prompt.index(
         "### Response B:\nsecond answer"
     )
     assert "### Input:\n1, 2" in prompt
-    assert "### Input:" not in judge_prompt(EvalItem("Say hi.", "", "hi"), "x", "y")
+    assert "### Input:" not in judge_prompt("Say hi.", "", "x", "y")
 
 
 EVAL_TASKS = [

@@ -224,3 +224,35 @@ def test_a_truncated_adapter_is_one_line_for_infer_and_export(lora_run, tmp_path
         err = capsys.readouterr().err
         assert "adapter_model.safetensors: truncated" in err and "Traceback" not in err
     assert not (tmp_path / "merged").exists()
+
+
+def test_eval_and_report_never_overwrite_their_inputs(data, tmp_path, capsys):
+    eval_set = tmp_path / "eval.json"
+    write_alpaca(eval_set, RECORDS)
+    before = eval_set.read_bytes()
+    assert corral_main(["eval", "--eval-set", str(eval_set), "--output", str(eval_set)]) == 2
+    assert eval_set.read_bytes() == before
+    assert corral_main(["report", str(data), "-o", str(data)]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert corral_main(["eval", "--eval-set", str(eval_set), "--limit", "0"]) == 2
+    assert "--limit must be at least 1" in capsys.readouterr().err
+
+
+def test_report_on_a_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b'[{"instruction": "\xff\xfe"}]')
+    assert corral_main(["report", str(bad), "-o", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert "not UTF-8" in err and "Traceback" not in err
+
+
+def test_an_eval_whose_judge_is_down_fails_visibly(tmp_path, capsys):
+    eval_set = tmp_path / "eval.json"
+    write_alpaca(eval_set, RECORDS[:1])
+    code = corral_main(
+        ["eval", "--eval-set", str(eval_set), "--base", "tiny-random", "--tuned", "tiny-random",
+         "--judge-base-url", "http://127.0.0.1:9/v1", "--output", str(tmp_path / "e.json")]
+    )  # fmt: skip
+    assert code == 2
+    assert "cannot reach the teacher at http://127.0.0.1:9/v1" in capsys.readouterr().err
+    assert not (tmp_path / "e.json").exists()
