@@ -40,7 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     gen.add_argument("--config", help="YAML preset, e.g. configs/data_gen/alpaca.yaml")
-    gen.add_argument("--mode", choices=["alpaca", "self-instruct"], help="generation method")
+    gen.add_argument(
+        "--mode",
+        choices=["alpaca", "self-instruct", "conversations"],
+        help="generation method (conversations: multi-turn self-chat, ShareGPT output)",
+    )
     gen.add_argument(
         "--seed-tasks", dest="seed_tasks", metavar="PATH", help="seed tasks JSONL/JSON"
     )

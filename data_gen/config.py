@@ -22,12 +22,17 @@ def _help(text: str) -> dict[str, str]:
 @dataclass
 class GenerateConfig:
     # What to make
-    mode: Literal["alpaca", "self-instruct"] = field(
+    mode: Literal["alpaca", "self-instruct", "conversations"] = field(
         default="alpaca",
         metadata=_help(
             "alpaca: one request asks for a list of full tasks (Stanford Alpaca); "
-            "self-instruct: bootstrap, classify, instances (Wang et al.)"
+            "self-instruct: bootstrap, classify, instances (Wang et al.); conversations: first "
+            "turns as in alpaca mode, then the teacher plays the user for follow-ups and answers "
+            "them (self-chat); the output is ShareGPT JSON"
         ),
+    )
+    turns: int = field(
+        default=3, metadata=_help("conversations mode: user turns per conversation, at most")
     )
     seed_tasks: str = field(
         default="",
@@ -178,6 +183,8 @@ class GenerateConfig:
             self.teacher = "openai"
         if self.num_instructions < 1:
             raise ValueError("num_instructions must be at least 1")
+        if self.turns < 1:
+            raise ValueError("turns must be at least 1")
         if not 0.0 <= self.rouge_threshold <= 1.0:
             raise ValueError("rouge_threshold must be within [0, 1]")
         if self.concurrency < 1 or self.local_batch_size < 1:

@@ -28,6 +28,7 @@ DUPLICATE_INSTANCE = "duplicate_instance"
 CONFLICTING_INSTANCES = "conflicting_instances"
 NO_VALID_INSTANCES = "no_valid_instances"
 REQUEST_FAILED = "request_failed"
+UNUSABLE_TURN = "unusable_turn"  # conversations: a follow-up or its answer was empty or cut off
 OVER_TARGET = "over_target"  # not a quality drop: accepted after the target count was reached
 
 DEFAULT_BLOCKLIST = (

@@ -202,3 +202,26 @@ def parse_instances(
         else:
             result.items.append(inst)
     return result
+
+
+_SPEAKER_LABEL = re.compile(r"(?im)^[ \t*_]*(user|assistant)[ \t*_]*:")
+
+
+def parse_turn(completion: str, finish_reason: str = "stop") -> str | None:
+    """One conversation turn the teacher wrote (self-chat), or None when it is unusable.
+
+    A leading speaker label is dropped and anything from the next label on (the teacher going on
+    to write the other side) is cut; a turn cut off by the length limit, or of fewer than two
+    words, is unusable.
+    """
+    text = completion.strip()
+    label = _SPEAKER_LABEL.match(text)
+    if label:
+        text = text[label.end() :].strip()
+    following = _SPEAKER_LABEL.search(text)
+    if following:
+        text = text[: following.start()].strip()
+        finish_reason = "stop"  # the turn itself was complete
+    if finish_reason == "length" or len(text.split()) < 2:
+        return None
+    return text

@@ -141,8 +141,19 @@ def _sha256_16(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def records_from_tasks(tasks: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """Alpaca records: one per instance of every accepted task."""
+def records_from_tasks(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Alpaca records, one per instance of every accepted task; in conversations mode, one
+    ShareGPT conversation per task."""
+    if tasks and "conversation" in tasks[0]:
+        speakers = {"user": "human", "assistant": "gpt"}
+        return [
+            {
+                "conversations": [
+                    {"from": speakers[m["role"]], "value": m["content"]} for m in t["conversation"]
+                ]
+            }  # fmt: skip
+            for t in tasks
+        ]
     return [
         {"instruction": t["instruction"], "input": inst["input"], "output": inst["output"]}
         for t in tasks
@@ -188,6 +199,14 @@ class _Generator:
             self.machine_instructions.append(task["instruction"])
         self.drops = Counter(drops)
         self.candidates = candidates
+
+    def round(self, rng: random.Random, size: int) -> list[dict[str, Any]]:
+        """One round of the configured mode: `size` first requests, and the tasks accepted."""
+        if self.config.mode == "alpaca":
+            return self.alpaca_round(rng, size)
+        if self.config.mode == "conversations":
+            return self.conversation_round(rng, size)
+        return self.self_instruct_round(rng, size)
 
     # ------------------------------------------------------------ shared steps
 
@@ -275,6 +294,52 @@ class _Generator:
                 }
             )
         return accepted
+
+    # ------------------------------------------------------------ conversations (self-chat)
+
+    def conversation_round(self, rng: random.Random, size: int) -> list[dict[str, Any]]:
+        """First turns as in Alpaca mode (rules, novelty and contamination checked there), then
+        `turns - 1` follow-ups: the teacher plays the user, then answers. A conversation whose
+        follow-up or answer comes back unusable keeps the turns it has."""
+        tasks = self.alpaca_round(rng, size)
+        for task in tasks:
+            first = task["instances"][0]
+            question = task["instruction"] + (f"\n\n{first['input']}" if first["input"] else "")
+            task["conversation"] = [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": first["output"]},
+            ]
+        params = self._sampling(prompts.turn_stop_sequences())
+        for turn in range(1, self.config.turns):
+            growing = [t for t in tasks if len(t["conversation"]) == 2 * turn]
+            if not growing:
+                break
+            asked = []
+            questions = self._completions(
+                [prompts.follow_up_prompt(t["conversation"]) for t in growing], params
+            )
+            for task, completion in zip(growing, questions, strict=True):
+                text = parsers.parse_turn(completion.text, completion.finish_reason) if (
+                    completion is not None
+                ) else None  # fmt: skip
+                if text is None:
+                    self.drops[filters.UNUSABLE_TURN] += 1
+                    continue
+                task["conversation"].append({"role": "user", "content": text})
+                asked.append(task)
+            answers = self._completions(
+                [prompts.reply_prompt(t["conversation"]) for t in asked], params
+            )
+            for task, completion in zip(asked, answers, strict=True):
+                text = parsers.parse_turn(completion.text, completion.finish_reason) if (
+                    completion is not None
+                ) else None  # fmt: skip
+                if text is None:
+                    self.drops[filters.UNUSABLE_TURN] += 1
+                    task["conversation"].pop()  # the question stays unasked
+                    continue
+                task["conversation"].append({"role": "assistant", "content": text})
+        return tasks
 
     # ------------------------------------------------------------ Self-Instruct
 
@@ -528,10 +593,7 @@ def _run_rounds(
             # One generator per round, derived from the run seed: a resumed run samples the same
             # demonstrations for the same round.
             rng = random.Random(f"{config.seed}:{round_no}")
-            if config.mode == "alpaca":
-                accepted = gen.alpaca_round(rng, size)
-            else:
-                accepted = gen.self_instruct_round(rng, size)
+            accepted = gen.round(rng, size)
             surplus = len(accepted) - (target - len(tasks))
             if surplus > 0:
                 # Good tasks beyond the target (the last round asked for more than was left).
@@ -599,10 +661,7 @@ def estimate_generation(
         generator = _Generator(config, seeds, teacher)
         rng = random.Random(f"{config.seed}:estimate")
         started = time.monotonic()
-        if config.mode == "alpaca":
-            accepted = generator.alpaca_round(rng, probes)
-        else:
-            accepted = generator.self_instruct_round(rng, probes)
+        accepted = generator.round(rng, probes)
         seconds = time.monotonic() - started
         stats: TeacherStats = teacher.stats
         teacher_info = teacher.describe()

@@ -1,9 +1,11 @@
-"""Teacher prompts for both generation modes. Pure string work: no I/O, no frameworks.
+"""Teacher prompts for every generation mode. Pure string work: no I/O, no frameworks.
 
 Stanford Alpaca mode asks for a numbered list of complete tasks (instruction, input, output) after a
 few seed demonstrations rendered as `###` blocks. Self-Instruct mode (Wang et al.) runs three kinds
 of prompts: bootstrap new instructions as `Task N:` lines, ask whether a task is classification,
 and generate instances for a task (input-first, or output-first for classification).
+Conversations mode (self-chat, as Baize and UltraChat made theirs) has the teacher play the user
+for a follow-up question, then answer it, turn after turn.
 
 Every prompt ends where the teacher should continue, so completion models continue it directly;
 chat models receive the same text as one user message and the parsers tolerate their prose.
@@ -157,3 +159,46 @@ def instances_stop_sequences() -> list[str]:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+# ---------------------------------------------------------------- conversations (self-chat)
+
+USER_SPEAKER = "User"
+ASSISTANT_SPEAKER = "Assistant"
+
+_FOLLOW_UP = """Below is a conversation between a user and a helpful AI assistant.
+
+{transcript}
+
+Write the user's next message: one natural follow-up question or request that builds on the conversation so far (asks for more detail, a variation, an example, or a related task). Write only the message, without a label.
+
+{user}:"""
+
+_REPLY = """Below is a conversation between a user and a helpful AI assistant.
+
+{transcript}
+
+Write the assistant's reply to the user's last message: correct, helpful and to the point, in under 150 words. Write only the reply, without a label.
+
+{assistant}:"""
+
+
+def transcript(messages: Sequence[dict[str, str]]) -> str:
+    """A conversation as `User: ...` / `Assistant: ...` paragraphs."""
+    speakers = {"user": USER_SPEAKER, "assistant": ASSISTANT_SPEAKER}
+    return "\n\n".join(f"{speakers[m['role']]}: {m['content'].strip()}" for m in messages)
+
+
+def follow_up_prompt(messages: Sequence[dict[str, str]]) -> str:
+    """Ask the teacher to play the user for one more turn."""
+    return _FOLLOW_UP.format(transcript=transcript(messages), user=USER_SPEAKER)
+
+
+def reply_prompt(messages: Sequence[dict[str, str]]) -> str:
+    """Ask the teacher to answer the conversation's last user message."""
+    return _REPLY.format(transcript=transcript(messages), assistant=ASSISTANT_SPEAKER)
+
+
+def turn_stop_sequences() -> list[str]:
+    """Where a teacher that keeps writing the transcript has finished its one turn."""
+    return [f"\n{USER_SPEAKER}:", f"\n{ASSISTANT_SPEAKER}:"]
