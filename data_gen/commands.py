@@ -42,8 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--config", help="YAML preset, e.g. configs/data_gen/alpaca.yaml")
     gen.add_argument(
         "--mode",
-        choices=["alpaca", "self-instruct", "conversations"],
-        help="generation method (conversations: multi-turn self-chat, ShareGPT output)",
+        choices=["alpaca", "self-instruct", "conversations", "preferences"],
+        help="generation method (conversations: multi-turn self-chat, ShareGPT output; "
+        "preferences: judged answer pairs for DPO, from preference_prompts=FILE)",
     )
     gen.add_argument(
         "--seed-tasks", dest="seed_tasks", metavar="PATH", help="seed tasks JSONL/JSON"
@@ -130,6 +131,10 @@ def run_generate(args: argparse.Namespace) -> int:
         api=args.api,
         concurrency=args.concurrency,
     )
+    if config.mode == "preferences":
+        if args.estimate:
+            raise UsageError("--estimate covers the alpaca, self-instruct and conversations modes")
+        return _preferences(config, args.progress)
     if args.estimate:
         return _estimate(config, args.estimate_probes)
     try:
@@ -142,6 +147,25 @@ def run_generate(args: argparse.Namespace) -> int:
     except (TeacherError, GenerationError) as exc:
         raise UsageError(str(exc)) from None
     print(format_summary(result))
+    return 0
+
+
+def _preferences(config, progress: bool) -> int:
+    from corral.errors import UsageError
+    from data_gen.preferences import generate_preferences, judgments_path
+    from data_gen.teachers import TeacherError
+
+    try:
+        manifest = generate_preferences(config, progress=progress)
+    except TeacherError as exc:
+        raise UsageError(str(exc)) from None
+    counts = manifest["counts"]
+    dropped = ", ".join(f"{k} {v}" for k, v in counts["dropped"].items()) or "none"
+    print(
+        f"Judged {counts['candidates']} prompts -> {counts['records']} preference pairs "
+        f"(not kept: {dropped})\n  output     {manifest['output']}\n  judgments  "
+        f"{judgments_path(manifest['output'])}"
+    )
     return 0
 
 

@@ -22,13 +22,15 @@ def _help(text: str) -> dict[str, str]:
 @dataclass
 class GenerateConfig:
     # What to make
-    mode: Literal["alpaca", "self-instruct", "conversations"] = field(
+    mode: Literal["alpaca", "self-instruct", "conversations", "preferences"] = field(
         default="alpaca",
         metadata=_help(
             "alpaca: one request asks for a list of full tasks (Stanford Alpaca); "
             "self-instruct: bootstrap, classify, instances (Wang et al.); conversations: first "
             "turns as in alpaca mode, then the teacher plays the user for follow-ups and answers "
-            "them (self-chat); the output is ShareGPT JSON"
+            "them (self-chat); the output is ShareGPT JSON; preferences: answers to the "
+            "instructions of preference_prompts, judged in pairs, written as {prompt, chosen, "
+            "rejected} for DPO"
         ),
     )
     turns: int = field(
@@ -54,6 +56,30 @@ class GenerateConfig:
             ),
             "input_path": True,
         },
+    )
+    preference_prompts: str = field(
+        default="",
+        metadata={
+            **_help("preferences mode: the Alpaca (or Dolly) records whose instructions to answer"),
+            "input_path": True,
+        },
+    )
+    answer_sources: list[str] = field(
+        default_factory=lambda: ["teacher"],
+        metadata=_help(
+            "preferences mode: who answers: `teacher`, and/or a model or run directory (a tuned "
+            "model, answering in its own template); one source gives two samples per prompt"
+        ),
+    )
+    judge: str = field(
+        default="",
+        metadata=_help("preferences mode: a local model as judge (default: the teacher judges)"),
+    )
+    judge_base_url: str = field(
+        default="", metadata=_help("preferences mode: an OpenAI-compatible endpoint as judge")
+    )
+    judge_model: str = field(
+        default="", metadata=_help("preferences mode: model at judge_base_url")
     )
     num_instructions: int = field(
         default=100, metadata=_help("stop when this many new instructions are kept")
