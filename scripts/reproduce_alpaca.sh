@@ -8,6 +8,8 @@
 #   scripts/reproduce_alpaca.sh --teacher-base-url http://localhost:8000/v1 --teacher-model MODEL \
 #       --method full --gpus 8
 #   scripts/reproduce_alpaca.sh --scaled-down      # the same recipe, tiny, on this CPU (minutes)
+#   scripts/reproduce_alpaca.sh --estimate ...     # what the generation would cost, nothing else
+#   scripts/reproduce_alpaca.sh --score-filter 4.5 ...   # train on the judge's best records only
 #
 # Each step resumes where it stopped when the script is run again with the same arguments:
 # generation continues its journal and training picks up its last checkpoint (resume=auto).
@@ -18,6 +20,8 @@ shared="$(cd "$here/.." && pwd)/shared/data/self-instruct"
 
 dry_run=0
 scaled_down=0
+estimate=0
+score_filter=
 method=full
 gpus=8
 base_model=meta-llama/Llama-2-7b-hf
@@ -36,6 +40,9 @@ usage() {
 Options:
   --dry-run                 print every command, run none
   --scaled-down             embedded model as teacher and base, a few records, CPU presets
+  --estimate                only estimate the generation (requests, tokens, time, cost)
+  --score-filter MIN        score every record with the judge (the teacher) and train only on
+                            those scored MIN or more (AlpaGasus-style), via corral score + audit
   --method full|lora|qlora  training recipe (default: $method)
   --gpus N                  GPUs on this machine (default: $gpus)
   --base-model NAME         model to fine-tune (default: $base_model)
@@ -52,6 +59,8 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry_run=1 ;;
     --scaled-down) scaled_down=1 ;;
+    --estimate) estimate=1 ;;
+    --score-filter) score_filter=$2; shift ;;
     --method) method=$2; shift ;;
     --gpus) gpus=$2; shift ;;
     --base-model) base_model=$2; shift ;;
@@ -91,6 +100,8 @@ if [ "$scaled_down" = 1 ]; then
   [ "$out" = runs/alpaca_reproduction ] && out=runs/alpaca_scaled_down
 fi
 data="$out/alpaca_data.json"
+train_data="$data"
+[ -n "$score_filter" ] && train_data="$out/alpaca_data_best.json"
 run_dir="$out/run_$method"
 
 if [ "$scaled_down" = 1 ]; then
@@ -98,8 +109,9 @@ if [ "$scaled_down" = 1 ]; then
     --num-instructions 8 --output "$data")
   [ -f "$seed_tasks" ] && generate+=(--seed-tasks "$seed_tasks")
   train=("$accelerate" launch --config_file configs/accelerate/single_device.yaml train.py
-    --config configs/training/smoke.yaml "data=$data" "output_dir=$run_dir" "method=$method"
+    --config configs/training/smoke.yaml "data=$train_data" "output_dir=$run_dir" "method=$method"
     val_size=2 max_steps=12 resume=auto)
+  score=("$corral" score "$data" --judge embedded --output "$out/alpaca_data_scored.json")
   base_model=embedded
   evaluate=("$corral" eval --eval-set "$eval_set" --base embedded --tuned "$run_dir" --limit 3
     --max-new-tokens 48 --judge embedded --output "$out/eval.json")
@@ -119,7 +131,9 @@ else
   esac
   [ "$gpus" -le 1 ] && accel_config=configs/accelerate/single_device.yaml
   train=("$accelerate" launch --config_file "$accel_config" --num_processes "$gpus" train.py
-    --config "$preset" "model=$base_model" "data=$data" "output_dir=$run_dir" resume=auto)
+    --config "$preset" "model=$base_model" "data=$train_data" "output_dir=$run_dir" resume=auto)
+  score=("$corral" score "$data" --judge-base-url "${teacher_base_url:-https://api.openai.com/v1}"
+    --judge-model "$teacher_model" --output "$out/alpaca_data_scored.json")
   evaluate=("$corral" eval --eval-set "$eval_set" --base "$base_model" --tuned "$run_dir"
     --limit "$eval_limit" --judge-model "$teacher_model" --output "$out/eval.json")
   evaluate+=(--judge-base-url "${teacher_base_url:-https://api.openai.com/v1}")
@@ -134,7 +148,15 @@ if [ ! -f "$eval_set" ]; then
   evaluate=()
 fi
 
+if [ "$estimate" = 1 ]; then
+  run "${generate[@]}" --estimate
+  exit 0
+fi
 run "${generate[@]}"
+if [ -n "$score_filter" ]; then
+  run "${score[@]}"
+  run "$corral" audit "$out/alpaca_data_scored.json" --min-score "$score_filter" --fix "$train_data"
+fi
 run "${train[@]}"
 [ ${#evaluate[@]} -gt 0 ] && run "${evaluate[@]}"
 report=("$corral" report "$data" "$run_dir")

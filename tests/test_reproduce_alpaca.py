@@ -118,3 +118,20 @@ def test_bad_option_exits_2():
         ["bash", str(SCRIPT), "--method", "rlhf"], capture_output=True, text=True
     )
     assert result.returncode == 2 and "--method must be" in result.stderr
+
+
+def test_estimate_runs_only_the_estimate(data_files):
+    (estimate,), _ = dry_run("--estimate", "--teacher-base-url", "http://h/v1", *data_files)
+    args = build_parser().parse_args(estimate[1:])
+    assert args.estimate and args.num_instructions == 52000
+
+
+def test_score_filter_trains_on_the_audited_best(data_files):
+    commands, _ = dry_run("--score-filter", "4.5", *data_files)
+    generate, score, audit, train = commands[:4]
+    parser = build_parser()
+    gen_args, score_args, audit_args = (parser.parse_args(c[1:]) for c in (generate, score, audit))
+    assert score_args.input == gen_args.output and score_args.judge_base_url
+    assert audit_args.data == score_args.output and audit_args.min_score == 4.5
+    _, config = _check_train_command(train)
+    assert config.data == audit_args.fix != gen_args.output
