@@ -150,6 +150,8 @@ fi
 
 if [ "$estimate" = 1 ]; then
   run "${generate[@]}" --estimate
+  printf '\nDone%s: estimated only; the estimate is beside %s\n' \
+    "$([ "$dry_run" = 1 ] && echo ' (dry run: nothing was run)')" "$data"
   exit 0
 fi
 run "${generate[@]}"
