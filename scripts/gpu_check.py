@@ -782,6 +782,8 @@ def expectations_for(
     step: Step, arch: Architecture, gpus: int, spec: dict[str, Any] | None, gpu_name: str
 ) -> dict[str, Any]:
     """The arithmetic for this step's config, and tokens/s if its MFU matched the anchors."""
+    if step.name == "serve":
+        return serve_bound(arch, spec, gpu_name)
     if step.name not in ("lora", "qlora", "fsdp"):
         return {}
     config = train_config_of(step.commands[0])
@@ -832,6 +834,22 @@ def expectations_for(
                 "and per-step overhead and stays far below them"
             )
     return result
+
+
+def serve_bound(arch: Architecture, spec: dict[str, Any] | None, gpu_name: str) -> dict[str, Any]:
+    """Decoding reads every bf16 weight once per step: memory bandwidth bounds steps/s."""
+    weights_gb = arch.parameters * 2 / GB
+    if spec is None:
+        return {"weights_gb_bf16": round(weights_gb, 3)}
+    return {
+        "weights_gb_bf16": round(weights_gb, 3),
+        "gpu": gpu_name,
+        "memory_gb_per_s": spec["memory_gb_per_s"],
+        "decode_steps_per_s_upper_bound": round(spec["memory_gb_per_s"] / weights_gb, 1),
+        "note": "one stream gets at most one token per decode step; 8 streams share each step, "
+        "so 8 streams can reach up to 8x; eager PyTorch decoding reaches a fraction of the bound, "
+        "and a small model is bound by kernel launches long before bandwidth",
+    }
 
 
 def is_llama_7b(arch: Architecture) -> bool:

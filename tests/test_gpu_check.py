@@ -117,6 +117,9 @@ def test_the_dry_run_gives_the_arithmetic_for_the_chosen_model():
     # At the anchor's 20.7% MFU, a 7B LoRA on an A100 would run at ~1.6K tokens/s (6N convention).
     at = big["plan"][1]["expectations"]["tokens_per_s_if_mfu_equals_anchor"]["hf_lora_a100"]
     assert 1500 < at["six_n_convention"] < 1700
+    # Decoding 13.5 GB of bf16 weights from 2,039 GB/s: at most ~151 steps/s.
+    serve = big["plan"][4]["expectations"]
+    assert 150 <= serve["decode_steps_per_s_upper_bound"] <= 152
 
 
 def test_the_memory_arithmetic_reproduces_the_readmes_7b_table():
