@@ -110,7 +110,7 @@ def test_the_dry_run_gives_the_arithmetic_for_the_chosen_model():
     totals = {
         step["step"]: step["expectations"]["memory_per_gpu"]["total_gb"]
         for step in big["plan"]
-        if "expectations" in step
+        if step["step"] in ("lora", "qlora", "fsdp")
     }
     assert 19 <= totals["lora"] <= 21 and 9 <= totals["qlora"] <= 10 and 25 <= totals["fsdp"] <= 27
     assert "~26 GB" in big["plan"][3]["expectations"]["readme_7b_table"]
