@@ -46,6 +46,13 @@ class GenerationResult:
     completion_tokens: int
     time_to_first_token: float | None = None
     error: str | None = None
+    # With params.logprobs: (logprob, {token id: logprob} of the likeliest) per generated token.
+    logprobs: list[TokenLogprob] | None = None
+    # With params.prompt_logprobs: the same per prompt token; None for the first (no context).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+TokenLogprob = tuple[float, dict[int, float]]
 
 
 @dataclass
@@ -99,6 +106,8 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     text_parts: list[str] = field(default_factory=list)
     first_token_at: float | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def length(self) -> int:
@@ -311,16 +320,28 @@ class GenerationEngine:
             mask[row, longest - n :] = 1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
+        # Logits at every prompt position only when some request scores its prompt (echo).
+        scoring = any(s.params.prompt_logprobs is not None for s in sequences)
         output = self.model(
             input_ids=input_ids.to(self.device),
             attention_mask=mask.to(self.device),
             position_ids=position_ids.to(self.device),
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if scoring else 1,
         )
         self.stats.forward_passes += 1
         self.stats.prefills += 1
+        if scoring:
+            for row, sequence in enumerate(sequences):
+                if sequence.params.prompt_logprobs is not None:
+                    n = len(sequence.prompt_ids)
+                    # Position p predicts the token at p + 1: the prompt's own tokens from 1 on.
+                    sequence.prompt_logprobs = [None] + token_logprobs(
+                        output.logits[row, longest - n : longest - 1],
+                        sequence.prompt_ids[1:],
+                        sequence.params.prompt_logprobs,
+                    )
         self._merge(sequences, output.past_key_values, mask.to(self.device))
         self._advance(output.logits[:, -1, :], first_row=len(self._active) - len(sequences))
 
@@ -394,6 +415,10 @@ class GenerationEngine:
         for offset, (sequence, token) in enumerate(zip(rows, tokens, strict=True)):
             if sequence.first_token_at is None:
                 sequence.first_token_at = now
+            if sequence.params.logprobs is not None:
+                sequence.logprobs += token_logprobs(
+                    logits[offset : offset + 1], [token], sequence.params.logprobs
+                )
             sequence.generated.append(token)
             self.stats.generated_tokens += 1
             reason = self._consume(sequence, token)
@@ -452,6 +477,8 @@ class GenerationEngine:
             completion_tokens=len(sequence.generated),
             time_to_first_token=ttft,
             error=error,
+            logprobs=list(sequence.logprobs) if sequence.params.logprobs is not None else None,
+            prompt_logprobs=sequence.prompt_logprobs,
         )
         try:
             sequence.sink(GenerationEvent(result=result))
@@ -525,6 +552,28 @@ def _left_pad(tensor: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = missing
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def token_logprobs(
+    logits: torch.Tensor, chosen: Sequence[int], alternatives: int
+) -> list[TokenLogprob]:
+    """(logprob of the chosen token, {id: logprob} of the `alternatives` likeliest and the chosen
+    one) for each row of `logits` [tokens, vocab], from one fp32 log-softmax: a greedy token's
+    logprob is then exactly the largest of its alternatives (clients compare them with ==)."""
+    log_probs = logits.float().log_softmax(dim=-1)
+    chosen_ids = torch.tensor(chosen, device=log_probs.device)
+    picked = log_probs.gather(1, chosen_ids[:, None])[:, 0].tolist()
+    if alternatives > 0:
+        values, ids = log_probs.topk(alternatives, dim=-1)
+        values, ids = values.tolist(), ids.tolist()
+    else:
+        values = ids = [[] for _ in chosen]
+    found = []
+    for token, logprob, top_ids, top_values in zip(chosen, picked, ids, values, strict=True):
+        top = dict(zip(top_ids, top_values, strict=True))
+        top[token] = logprob
+        found.append((logprob, top))
+    return found
 
 
 def sample_next_tokens(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_LOGPROBS = 20  # alternatives per token, as vLLM allows (OpenAI: 5 on legacy completions)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -19,6 +21,9 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     presence_penalty: float = 0.0  # subtracted once from every token already generated
     frequency_penalty: float = 0.0  # subtracted per earlier occurrence of a token
+    # Log-probabilities of the model's own distribution (before temperature and penalties):
+    logprobs: int | None = None  # per generated token, with this many most likely alternatives
+    prompt_logprobs: int | None = None  # per prompt token (echo), with this many alternatives
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -31,6 +36,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be 0 (off) or positive, got {self.top_k}")
         if any(not isinstance(s, str) for s in self.stop):
             raise ValueError("stop sequences must be strings")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}")
 
     @property
     def adjusts_logits(self) -> bool:

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from inference.engine import GenerationEngine, GenerationEvent, GenerationResult
 from inference.generation import encode_prompt, render_conversation
 from inference.loading import LoadedModel
-from inference.params import SamplingParams
+from inference.params import MAX_LOGPROBS, SamplingParams
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 MAX_STOP_SEQUENCES = 16
@@ -89,7 +89,8 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    seed: int | None = None
+    # torch's generators take seeds in this range; larger ones are a client error, not a 500.
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     n: int = Field(default=1, ge=1, le=1)
     logit_bias: dict[str, float] | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -128,17 +129,37 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+
+# One prompt of /v1/completions: text, or token ids (what lm-evaluation-harness sends).
+PromptItem = str | list[int]
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    # OpenAI's legacy shape: up to this many alternatives per token (0: the chosen token only).
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 only with echo: score the prompt
 
     @field_validator("prompt")
     @classmethod
-    def _check_prompt(cls, value: str | list[str]) -> str | list[str]:
+    def _check_prompt(cls, value: Any) -> Any:
         if isinstance(value, list) and not value:
             raise ValueError("prompt must not be an empty list")
+        if isinstance(value, list) and any(isinstance(item, list) and not item for item in value):
+            raise ValueError("a token-id prompt must not be empty")
         return value
+
+    def prompts(self) -> list[PromptItem]:
+        """The prompts as a list: strings, or token-id lists."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(item, int) for item in self.prompt):
+            return [list(self.prompt)]  # one prompt given as token ids
+        return list(self.prompt)
 
 
 # ---------------------------------------------------------------------------- the app
@@ -241,6 +262,8 @@ class OpenAIServer:
         max_tokens: int | None,
         default_max_tokens: int,
         templated: bool,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         room = self.engine.context_length - prompt_tokens
         if room < 1:
@@ -283,7 +306,17 @@ class OpenAIServer:
             logit_bias=logit_bias,
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """Tokens that end an answer: EOS and the template's own end-of-turn tokens."""
+        ids = set(self.loaded.stop_token_ids())
+        if self.loaded.tokenizer.eos_token_id is not None:
+            ids.add(self.loaded.tokenizer.eos_token_id)
+        return ids
 
     # -- running requests on the engine
 
@@ -337,11 +370,83 @@ class OpenAIServer:
             raise APIError(400, str(exc), param="messages") from None
         return encode_prompt(self.loaded, prompt)
 
-    def encode_raw(self, prompt: str) -> list[int]:
+    def encode_raw(self, prompt: PromptItem, index: int) -> list[int]:
+        """A completions prompt as token ids: text is tokenized, ids are checked."""
+        if isinstance(prompt, list):
+            vocabulary = self.loaded.model.get_input_embeddings().num_embeddings
+            bad = next((t for t in prompt if not 0 <= t < vocabulary), None)
+            if bad is not None:
+                raise APIError(
+                    400,
+                    f"prompt {index}: token id {bad} is outside the vocabulary (0..{vocabulary - 1})",
+                    param="prompt",
+                )
+            return list(prompt)
         ids = self.loaded.tokenizer(prompt)["input_ids"]
         if not ids:
-            raise APIError(400, "the prompt is empty", param="prompt")
+            raise APIError(400, f"prompt {index} is empty", param="prompt")
         return ids
+
+    def token_text(self, token: int) -> str:
+        return self.loaded.decode_keeping_special([token])
+
+
+def _legacy_logprobs(
+    server: OpenAIServer, prompt: list[int], result: GenerationResult, echo: bool, keep: int
+) -> dict[str, Any]:
+    """OpenAI's legacy completions `logprobs`: tokens, token_logprobs, top_logprobs, text_offset.
+
+    With echo the prompt's tokens come first, the first one with null (nothing precedes it).
+    Every generated token is listed, a final stop token (EOS) included: clients that score a
+    continuation read the prompt's entries and drop exactly one generated entry after them.
+    """
+    ids: list[int] = []
+    entries: list[tuple[float, dict[int, float]] | None] = []
+    if echo:
+        ids += prompt
+        entries += result.prompt_logprobs or [None] * len(prompt)
+    ids += result.token_ids[:keep]
+    entries += (result.logprobs or [])[:keep]
+    tokens = [server.token_text(t) for t in ids]
+    offsets, position = [], 0
+    for text in tokens:
+        offsets.append(position)
+        position += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [None if e is None else e[0] for e in entries],
+        "top_logprobs": [
+            None if e is None else {server.token_text(t): v for t, v in e[1].items()}
+            for e in entries
+        ],
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprobs(server: OpenAIServer, result: GenerationResult) -> dict[str, Any]:
+    """OpenAI's chat `logprobs.content`: each answer token with its likeliest alternatives."""
+    content = []
+    tokens = result.token_ids
+    if result.finish_reason == "stop" and tokens and tokens[-1] in server.stop_ids:
+        tokens = tokens[:-1]  # the stop token is not part of the answer
+    for token, (logprob, top) in zip(tokens, result.logprobs or [], strict=False):
+        text = server.token_text(token)
+        content.append(
+            {
+                "token": text,
+                "logprob": logprob,
+                "bytes": list(text.encode("utf-8")),
+                "top_logprobs": [
+                    {
+                        "token": server.token_text(t),
+                        "logprob": v,
+                        "bytes": list(server.token_text(t).encode("utf-8")),
+                    }
+                    for t, v in sorted(top.items(), key=lambda kv: -kv[1])
+                ],
+            }
+        )
+    return {"content": content}
 
 
 def _usage(results: Sequence[GenerationResult]) -> dict[str, int]:
@@ -444,12 +549,17 @@ def create_app(server: OpenAIServer, *, max_request_bytes: int = 1_000_000) -> F
         server.check_api_key(request)
         server.check_model(body.model)
         prompt = server.encode_messages(body.messages)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if body.logprobs and body.stream:
+            raise APIError(400, "logprobs are not available when streaming", param="logprobs")
         params = server.sampling_params(
             body,
             len(prompt),
             max_tokens=body.max_completion_tokens or body.max_tokens,
             default_max_tokens=server.default_max_tokens,
             templated=True,
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         )
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -472,7 +582,7 @@ def create_app(server: OpenAIServer, *, max_request_bytes: int = 1_000_000) -> F
                     "index": 0,
                     "message": {"role": "assistant", "content": result.text},
                     "finish_reason": _finish_reason(result),
-                    "logprobs": None,
+                    "logprobs": _chat_logprobs(server, result) if body.logprobs else None,
                 }
             ],
             "usage": _usage(results),
@@ -482,13 +592,30 @@ def create_app(server: OpenAIServer, *, max_request_bytes: int = 1_000_000) -> F
     async def completions(body: CompletionRequest, request: Request) -> Any:
         server.check_api_key(request)
         server.check_model(body.model)
-        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        prompts = [server.encode_raw(t) for t in texts]
+        texts = body.prompts()
+        prompts = [server.encode_raw(t, i) for i, t in enumerate(texts)]
+        scoring = body.echo and body.logprobs is not None
+        if body.stream and (body.echo or body.logprobs is not None):
+            raise APIError(
+                400, "echo and logprobs are not available when streaming", param="stream"
+            )
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(
+                400, "max_tokens 0 needs echo: true (scoring a prompt)", param="max_tokens"
+            )
+        # max_tokens 0 scores the prompt alone: the engine makes one token and it is dropped.
+        generated = 1 if body.max_tokens == 0 else body.max_tokens
         # OpenAI's default for completions is 16 tokens; each prompt gets its own budget within
         # the context that is left after it.
         params = [
             server.sampling_params(
-                body, len(p), max_tokens=body.max_tokens, default_max_tokens=16, templated=False
+                body,
+                len(p),
+                max_tokens=generated,
+                default_max_tokens=16,
+                templated=False,
+                logprobs=body.logprobs,
+                prompt_logprobs=body.logprobs if scoring else None,
             )
             for p in prompts
         ]
@@ -502,16 +629,37 @@ def create_app(server: OpenAIServer, *, max_request_bytes: int = 1_000_000) -> F
         results = await _collect(server, request, prompts, params)
         if results is None:
             return error_response(499, "client disconnected")
+        choices = []
+        for i, (text, prompt, result) in enumerate(zip(texts, prompts, results, strict=True)):
+            keep = 0 if body.max_tokens == 0 else len(result.token_ids)
+            answer = result.text if keep else ""
+            if body.echo:
+                shown = (
+                    text if isinstance(text, str) else server.loaded.decode_keeping_special(text)
+                )
+                answer = shown + answer
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = _legacy_logprobs(server, prompt, result, body.echo, keep)
+            choices.append(
+                {
+                    "index": i,
+                    "text": answer,
+                    "finish_reason": _finish_reason(result) if keep else "length",
+                    "logprobs": logprobs,
+                }
+            )
+        usage = _usage(results)
+        if body.max_tokens == 0:  # the dropped token was not given to the client
+            usage["completion_tokens"] = 0
+            usage["total_tokens"] = usage["prompt_tokens"]
         return {
             "id": completion_id,
             "object": "text_completion",
             "created": created,
             "model": server.model_name,
-            "choices": [
-                {"index": i, "text": r.text, "finish_reason": _finish_reason(r), "logprobs": None}
-                for i, r in enumerate(results)
-            ],
-            "usage": _usage(results),
+            "choices": choices,
+            "usage": usage,
         }
 
     return app

@@ -126,8 +126,8 @@ def test_truncated_weights_are_named_before_any_loader_sees_them(tmp_path, keep)
         ("[1, 2]", "expected a JSON object"),
         (json.dumps({"base_model": "tiny-random", "method": "lora"}), "field 'template'"),
         (
-            json.dumps({"base_model": "x", "method": "lora", "template": "vicuna"}),
-            "unknown template 'vicuna'",
+            json.dumps({"base_model": "x", "method": "lora", "template": "wizard"}),
+            "unknown template 'wizard'",
         ),
         (json.dumps({"base_model": "x", "method": "sft", "template": "dolly"}), "field 'method'"),
         (
