@@ -2,12 +2,17 @@
 
 A folder Corral made for a model records how to use it in `run_info.json`: the base model, the
 method, and the prompt template with its markers (a model prompted in another format than it
-learned answers badly). Three kinds of folder carry one:
+learned answers badly). Four kinds of folder carry one:
 
-- `adapter`: a LoRA/QLoRA run: `adapter_config.json` + `adapter_model.safetensors` (plain PEFT),
-  the tokenizer, and the base model named in `run_info.json`;
+- `adapter`: a LoRA/QLoRA run, or a DPO run (method `dpo`, a LoRA adapter too):
+  `adapter_config.json` + `adapter_model.safetensors` (plain PEFT), the tokenizer, and the base
+  model named in `run_info.json`;
 - `full`: a full fine-tune: a plain transformers model folder (`config.json` + weights);
-- `merged`: `corral export --merge` of an adapter run: a plain transformers model folder.
+- `merged`: `corral export --merge` of an adapter run: a plain transformers model folder;
+- `reward`: a reward model (method `reward`): the same two adapter files, but a peft SEQ_CLS
+  adapter for the base loaded as a sequence classifier with one label: LoRA on the backbone plus
+  the `score` head (hidden size -> 1, as `modules_to_save`); it scores answers, it does not
+  generate (training.preference.RewardModel loads it).
 
 Beside those, a training run holds `corral_config.yaml` (the resolved config), `metrics.jsonl`,
 `train_summary.json`, `tensorboard/` and `checkpoints/`. Pure: JSON and paths only.
@@ -34,8 +39,9 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 MODEL_CONFIG_FILE = "config.json"
 
-METHODS = ("lora", "qlora", "full")
-KINDS = ("adapter", "full", "merged")
+METHODS = ("lora", "qlora", "full", "dpo", "reward")
+KINDS = ("adapter", "full", "merged", "reward")
+_KIND_OF_METHOD = {"full": "full", "reward": "reward"}  # every other method leaves an adapter
 # The markers a run trained with; inference checks that its template still gives the same ones.
 MARKER_FIELDS = ("response_marker", "end_marker")
 
@@ -45,9 +51,9 @@ class RunInfo:
     """The contents of `run_info.json`."""
 
     base_model: str  # the name the run was given (embedded, a hub id, a folder)
-    method: str  # lora | qlora | full: how the weights were trained
+    method: str  # lora | qlora | full | dpo | reward: how the weights were trained
     template: str  # alpaca | dolly | chat
-    kind: str  # adapter | full | merged: what the folder holds
+    kind: str  # adapter | full | merged | reward: what the folder holds
     base_model_path: str = ""  # where the base was found when training ran
     max_length: int | None = None
     response_marker: str | None = None
@@ -105,7 +111,7 @@ def run_info_for_training(
         base_model_path=base_model_path,
         method=method,
         template=template.name,
-        kind="full" if method == "full" else "adapter",
+        kind=_KIND_OF_METHOD.get(method, "adapter"),
         max_length=max_length,
         response_marker=template.response_marker,
         end_marker=template.end_marker,
@@ -172,12 +178,12 @@ def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
         if data["method"] == "merged":
             data["method"], data["kind"] = "lora", "merged"
         else:
-            data["kind"] = "full" if data["method"] == "full" else "adapter"
+            data["kind"] = _KIND_OF_METHOD.get(data["method"], "adapter")
     return data
 
 
 def _check_weights(folder: Path, info: RunInfo) -> None:
-    if info.kind == "adapter":
+    if info.kind in ("adapter", "reward"):
         for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
             if not (folder / name).is_file():
                 raise RunDirError(f"{folder}: {name} is missing; did the run finish?")

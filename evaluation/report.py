@@ -210,6 +210,17 @@ def run_section(run_dir: Path) -> str:
             y_label="loss",
         )
     )
+    # Preference runs (dpo, reward) also log how often chosen outranks rejected, and by how much.
+    for name, title in (("rewards/accuracies", "Reward accuracy"), ("rewards/margins", "Margin")):
+        series = {
+            label: [(m["step"], float(m[key])) for m in metrics if m.get(key) is not None]
+            for label, key in (
+                (f"train {title.lower()}", name),
+                (f"eval {title.lower()}", f"eval_{name}"),
+            )
+        }
+        if any(series.values()):
+            parts.append(line_chart(series, title=title, x_label="step", y_label=name))
     speed = [(m["step"], float(m["tokens_per_s"])) for m in metrics if m.get("tokens_per_s")]
     if speed:
         parts.append(

@@ -7,6 +7,10 @@ Two things make training cheap here:
   position ids (examples never attend to each other);
 - logits are computed only where a label is trained (`logits_to_keep` with a boolean mask), so the
   vocabulary projection and the fp32 cross-entropy skip every prompt and padding position.
+
+Every batch also says which example each token belongs to (`example_ids`, -1 for padding), so
+per-sequence sums (the log-probabilities DPO compares, training/preference.py) work on padded and
+packed batches alike.
 """
 
 from __future__ import annotations
@@ -31,17 +35,20 @@ def collate_padded(examples: Sequence[TokenizedExample], pad_token_id: int) -> d
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     targets = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    example_ids = torch.full((len(examples), width), -1, dtype=torch.long)
     for row, example in enumerate(examples):
         n = len(example)
         input_ids[row, :n] = torch.tensor(example.input_ids)
         targets[row, :n] = torch.tensor(next_token_targets(example.labels))
         attention_mask[row, :n] = 1
+        example_ids[row, :n] = row
     positions = torch.arange(width).unsqueeze(0).expand(len(examples), -1).contiguous()
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": positions,
         "targets": targets,
+        "example_ids": example_ids,
         "num_tokens": sum(len(example) for example in examples),
     }
 
@@ -79,28 +86,34 @@ def collate_packed(
     input_ids: list[list[int]] = []
     targets: list[list[int]] = []
     positions: list[list[int]] = []
+    owners: list[list[int]] = []
     for row in rows:
         row_ids: list[int] = []
         row_targets: list[int] = []
         row_positions: list[int] = []
+        row_owners: list[int] = []
         for i in row:
             example = examples[i]
             row_ids.extend(example.input_ids)
             # Shifted per example: an example's last token never learns the next one's first.
             row_targets.extend(next_token_targets(example.labels))
             row_positions.extend(range(len(example)))
+            row_owners.extend([i] * len(example))
         fill = width - len(row_ids)
         row_ids.extend([pad_token_id] * fill)
         row_targets.extend([IGNORE_INDEX] * fill)
         row_positions.extend(range(fill))
+        row_owners.extend([-1] * fill)
         input_ids.append(row_ids)
         targets.append(row_targets)
         positions.append(row_positions)
+        owners.append(row_owners)
     return {
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "attention_mask": None,
         "position_ids": torch.tensor(positions, dtype=torch.long),
         "targets": torch.tensor(targets, dtype=torch.long),
+        "example_ids": torch.tensor(owners, dtype=torch.long),
         "num_tokens": sum(len(example) for example in examples),
     }
 
@@ -117,8 +130,11 @@ def collate(
     return collate_padded(examples, pad_token_id)
 
 
-def completion_loss_sum(model: Any, batch: dict[str, Any], device: Any) -> tuple[Any, int]:
-    """(sum of cross-entropy over trained tokens, number of trained tokens) for one micro-batch."""
+def trained_logits(model: Any, batch: dict[str, Any], device: Any) -> tuple[Any, Any, Any]:
+    """(logits [trained tokens, vocab], their targets, the boolean mask of trained positions).
+
+    One forward pass that projects onto the vocabulary only where a label is trained.
+    """
     targets = batch["targets"].to(device)
     keep = targets != IGNORE_INDEX
     outputs = model(
@@ -130,6 +146,11 @@ def completion_loss_sum(model: Any, batch: dict[str, Any], device: Any) -> tuple
         logits_to_keep=keep,
         use_cache=False,
     )
-    logits = outputs.logits  # [trained tokens, vocab]: only the rows that carry loss
-    loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return outputs.logits, targets[keep], keep  # only the rows that carry loss
+
+
+def completion_loss_sum(model: Any, batch: dict[str, Any], device: Any) -> tuple[Any, int]:
+    """(sum of cross-entropy over trained tokens, number of trained tokens) for one micro-batch."""
+    logits, targets, keep = trained_logits(model, batch, device)
+    loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
     return loss_sum, int(keep.sum())

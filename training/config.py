@@ -1,6 +1,13 @@
 """The training config: one dataclass, whose field help texts are the `corral train --help` epilog.
 
 Presets in configs/training/*.yaml set any of these fields; `key=value` overrides win.
+
+Methods: supervised fine-tuning on Alpaca records (`lora`, `qlora`, `full`), and two methods on
+preference pairs `{prompt, chosen, rejected}` (training/preference.py): `dpo` (Direct Preference
+Optimization of a LoRA adapter) and `reward` (a reward model: LoRA + a scalar head). RL with PPO
+(the third step of InstructGPT and DeepSpeed-Chat) is not offered: `dpo` optimises the same
+KL-constrained preference objective directly from the pairs, with no reward model or sampling in
+the loop.
 """
 
 from __future__ import annotations
@@ -9,6 +16,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from corral.errors import ConfigError
+
+PREFERENCE_METHODS = ("dpo", "reward")  # trained on {prompt, chosen, rejected} pairs
+ADAPTER_METHODS = ("lora", "qlora", *PREFERENCE_METHODS)  # a LoRA adapter on a frozen base
 
 
 @dataclass
@@ -19,7 +29,8 @@ class TrainConfig:
     data: str = field(
         default="",
         metadata={
-            "help": "Alpaca JSON/JSONL file, a `datasets` folder, or a `datasets` hub id (in a "
+            "help": "Alpaca JSON/JSONL file, a `datasets` folder, or a `datasets` hub id; for "
+            "method dpo or reward, a JSON/JSONL file of {prompt, chosen, rejected} pairs (in a "
             "preset, a relative path is found beside the preset first)",
             "input_path": True,
         },
@@ -63,9 +74,15 @@ class TrainConfig:
         default="embedded",
         metadata={"help": "base model: embedded, tiny-random, a local folder or a hub id"},
     )
-    method: Literal["lora", "qlora", "full"] = field(
+    method: Literal["lora", "qlora", "full", "dpo", "reward"] = field(
         default="lora",
-        metadata={"help": "lora, qlora (4-bit NF4 base + LoRA) or full (all weights)"},
+        metadata={
+            "help": "lora, qlora (4-bit NF4 base + LoRA) or full (all weights) on Alpaca data; on "
+            "preference pairs: dpo (a LoRA adapter trained by Direct Preference Optimization) or "
+            "reward (a reward model: LoRA on the base + a scalar head on the last token, "
+            "pairwise loss). PPO is not offered: use dpo, which optimises the same objective "
+            "without a reward model or sampling"
+        },
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)"})
@@ -80,6 +97,29 @@ class TrainConfig:
     )
     precision: Literal["auto", "bf16", "fp32"] = field(
         default="auto", metadata={"help": "auto: bf16 on GPUs that support it, fp32 otherwise"}
+    )
+    # ---- preferences (method dpo or reward)
+    beta: float = field(
+        default=0.1,
+        metadata={
+            "help": "dpo: how closely the policy stays to the reference (the KL weight; higher "
+            "stays closer); for loss_type ipo, the regulariser tau"
+        },
+    )
+    loss_type: Literal["sigmoid", "ipo"] = field(
+        default="sigmoid",
+        metadata={
+            "help": "dpo loss: sigmoid (the DPO paper: -log sigmoid(beta * margin of summed "
+            "log-ratios)) or ipo ((margin of per-token mean log-ratios - 1/(2 beta))^2)"
+        },
+    )
+    init_adapter: str = field(
+        default="",
+        metadata={
+            "help": "dpo: an SFT run directory whose LoRA adapter the policy starts from (its r, "
+            "alpha, targets and dropout win over lora_*); the reference is then base + that "
+            "adapter, frozen. Empty: a fresh adapter, and the base alone is the reference"
+        },
     )
     # ---- optimisation
     epochs: float = field(default=3.0, metadata={"help": "passes over the training data"})
@@ -179,3 +219,19 @@ class TrainConfig:
             raise ConfigError(f"key 'report_to': unknown tracker(s) {sorted(unknown)}")
         if self.method == "full" and self.use_dora:
             raise ConfigError("key 'use_dora': DoRA needs method lora or qlora")
+        if not self.beta > 0:
+            raise ConfigError(f"key 'beta': must be above 0, got {self.beta}")
+        if self.init_adapter and self.method != "dpo":
+            raise ConfigError(
+                "key 'init_adapter': starts a dpo run from an SFT adapter; set method=dpo"
+            )
+        if self.method in PREFERENCE_METHODS and self.train_on_inputs:
+            raise ConfigError(
+                f"key 'train_on_inputs': method {self.method} compares answers to the same prompt; "
+                "the prompt is never trained (set it to false)"
+            )
+        if self.method == "reward" and self.packing:
+            raise ConfigError(
+                "key 'packing': a reward model reads each sequence's last token, one sequence per "
+                "row; set packing=false"
+            )

@@ -7,7 +7,10 @@ calls can be read alone:
 - `setup`: accelerator, data (every data problem is reported here, before a model is loaded),
   the step plan, model, optimizer, schedule, and the checkpoint to resume from;
 - `step_batches` + `train_step`: the micro-batches of one optimizer step and the step itself;
-- `evaluate`: the validation loss, reduced over processes;
+  `batch_loss` is where the methods differ: the completion-only cross-entropy (lora, qlora, full),
+  the DPO loss, or the reward model's pairwise loss (dpo, reward: training/preference.py);
+- `evaluate`: the validation loss (and, for preference pairs, the reward metrics), reduced over
+  processes;
 - `save_checkpoint` (training/checkpoint.py), `save_final` and `write_summary`: the run directory.
 """
 
@@ -21,7 +24,7 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +47,7 @@ from training.checkpoint import (
     register_adapter_only_hooks,
     save_checkpoint,
 )
-from training.config import TrainConfig
+from training.config import PREFERENCE_METHODS, TrainConfig
 from training.data import (
     load_records,
     plan_batches,
@@ -116,6 +119,14 @@ class TrainingRun:
     run_dir: Path
     resumed_from: Path | None
     step: int = 0
+    # The latest logged metrics of this session (train step and evaluation), for the summary.
+    latest_train: dict[str, float] = field(default_factory=dict)
+    latest_eval: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def pairs(self) -> bool:
+        """Whether the run trains on preference pairs (dpo, reward) rather than Alpaca records."""
+        return self.config.method in PREFERENCE_METHODS
 
     @property
     def world(self) -> int:
@@ -137,11 +148,12 @@ class TrainingRun:
 class StepResult:
     """What one optimizer step did, agreed over every process."""
 
-    loss: float  # mean cross-entropy per trained token
+    loss: float  # mean cross-entropy per trained token (dpo, reward: mean loss per pair)
     tokens: int  # non-padding tokens of the step, prompt and answer alike
     seconds: float
     grad_norm: float | None
     stop_requested: bool  # some process received SIGTERM
+    metrics: dict[str, float] = field(default_factory=dict)  # dpo, reward: means per pair
 
 
 @dataclass
@@ -195,9 +207,7 @@ def _train(run: TrainingRun) -> Path:
         with _StopFlag() as stop:
             if run.step == 0 and run.val_examples:
                 # The starting point, so "the loss went down" can be read off metrics.jsonl.
-                metrics.log(
-                    {"step": 0, "epoch": 0.0, "eval_loss": round(evaluate(run), 6), "time": 0.0}
-                )
+                metrics.log({"step": 0, "epoch": 0.0, **_eval_fields(evaluate(run)), "time": 0.0})
             while run.step < run.total_steps:
                 result = train_step(run, step_batches(run), stop_requested=stop.requested)
                 speed.add(result.tokens, result.seconds)
@@ -301,6 +311,7 @@ def setup(config: TrainConfig, accelerator: Any) -> TrainingRun:
         build_model,
         build_optimizer,
         build_scheduler,
+        check_init_adapter,
         check_target_modules,
         count_parameters,
     )
@@ -315,10 +326,15 @@ def setup(config: TrainConfig, accelerator: Any) -> TrainingRun:
         tokenizer = load_tokenizer(config.model)
     template = get_template(config.template, tokenizer)
     train_examples, val_examples, report = prepare_examples(config, tokenizer, template)
-    say(f"data: {config.data}: {report.summary()}; {len(val_examples)} validation examples")
+    unit = "pairs" if config.method in PREFERENCE_METHODS else "examples"
+    say(
+        f"data: {config.data}: {report.summary().replace('examples', unit)}; "
+        f"{len(val_examples)} validation {unit}"
+    )
     lengths = [len(e) for e in train_examples]
     steps_per_epoch = count_steps_per_epoch(config, lengths, accelerator.num_processes)
     total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+    check_init_adapter(config)
     check_target_modules(config)
 
     if accelerator.is_main_process:
@@ -328,6 +344,16 @@ def setup(config: TrainConfig, accelerator: Any) -> TrainingRun:
         model = build_model(config, tokenizer, local_process_index=accelerator.local_process_index)
     trainable, total = count_parameters(model)
     say(f"model: {config.model} ({config.method}): {trainable:,} trainable of {total:,} parameters")
+    if config.method == "dpo":
+        say(
+            f"dpo: beta {config.beta}, loss {config.loss_type}; the policy starts from "
+            + (
+                f"the adapter of {config.init_adapter} (its LoRA settings); reference policy: "
+                "the base with that adapter, frozen"
+                if config.init_adapter
+                else "a fresh adapter; reference policy: the base (adapter disabled)"
+            )
+        )
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer, total_steps)
     if config.method != "full":
@@ -372,7 +398,14 @@ def setup(config: TrainConfig, accelerator: Any) -> TrainingRun:
 
 
 def prepare_examples(config: TrainConfig, tokenizer: Any, template: Any) -> tuple[list, list, Any]:
-    """(train examples, validation examples, tokenization report); bad data raises RecordError."""
+    """(train examples, validation examples, tokenization report); bad data raises RecordError.
+
+    For dpo and reward, the examples are preference pairs (training.preference.PreferencePair).
+    """
+    if config.method in PREFERENCE_METHODS:
+        from training.preference import prepare_pairs
+
+        return prepare_pairs(config, tokenizer, template)
     records = load_records(config.data, split=config.data_split)
     train_records, val_records = split_validation(records, config.val_size, config.seed)
     common = {
@@ -490,8 +523,6 @@ def resolve_resume(config: TrainConfig, run_dir: Path) -> Path | None:
 
 def step_batches(run: TrainingRun) -> list[dict[str, Any]]:
     """This process's forward passes for optimizer step `run.step` (the same on a resume)."""
-    from training.batches import collate
-
     config = run.config
     per_step = config.gradient_accumulation_steps
     epoch, step_in_epoch = divmod(run.step, run.steps_per_epoch)
@@ -512,15 +543,63 @@ def step_batches(run: TrainingRun) -> list[dict[str, Any]]:
     # Each micro-batch may run as several forward passes of at most max_tokens_per_forward
     # tokens: the same examples, the same gradient, bounded activation memory.
     return [
-        collate(
-            [run.train_examples[i] for i in chunk],
-            packing=config.packing,
-            pad_token_id=run.tokenizer.pad_token_id,
-            row_capacity=config.max_length,
-        )
+        collate_examples(run, [run.train_examples[i] for i in chunk])
         for indices in micro
         for chunk in split_by_token_budget(indices, run.lengths, config.max_tokens_per_forward)
     ]
+
+
+def collate_examples(run: TrainingRun, examples: list) -> dict[str, Any]:
+    """One forward pass's batch: padded or packed examples, or pairs (chosen rows, then rejected)."""
+    from training.batches import collate
+    from training.preference import collate_pairs
+
+    return (collate_pairs if run.pairs else collate)(
+        examples,
+        packing=run.config.packing,
+        pad_token_id=run.tokenizer.pad_token_id,
+        row_capacity=run.config.max_length,
+    )
+
+
+def batch_loss(run: TrainingRun, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+    """(the loss summed over the batch's units, metric sums): where the methods differ.
+
+    lora, qlora, full: cross-entropy summed over trained tokens; dpo: the DPO loss summed over
+    pairs (reference and policy log-probabilities of the same model); reward: the pairwise ranking
+    loss summed over pairs. `loss_units` gives what each sum is divided by.
+    """
+    from training.batches import completion_loss_sum
+    from training.preference import dpo_loss_sum, reward_loss_sum
+
+    method = run.config.method
+    if method == "dpo":
+        return dpo_loss_sum(
+            run.model,
+            batch,
+            run.device,
+            peft_model=run.accelerator.unwrap_model(run.model),
+            beta=run.config.beta,
+            loss_type=run.config.loss_type,
+        )
+    if method == "reward":
+        return reward_loss_sum(run.model, batch, run.device)
+    loss_sum, _ = completion_loss_sum(run.model, batch, run.device)
+    return loss_sum, {}
+
+
+def loss_units(run: TrainingRun, batch: dict[str, Any]) -> int:
+    """What the loss is a mean over: trained tokens (SFT) or pairs (dpo, reward)."""
+    if run.pairs:
+        return batch["num_pairs"]
+    return int((batch["targets"] != -100).sum())
+
+
+def metric_names(run: TrainingRun) -> tuple[str, ...]:
+    """The metrics besides the loss that steps and evaluations report (none for SFT)."""
+    from training.preference import PAIR_METRICS
+
+    return PAIR_METRICS.get(run.config.method, ())
 
 
 def train_step(
@@ -529,22 +608,22 @@ def train_step(
     """Forward and backward over `batches`, then one optimizer and scheduler step."""
     import torch
 
-    from training.batches import completion_loss_sum
-
     started = time.monotonic()
     accelerator, model, device, world = run.accelerator, run.model, run.device, run.world
-    # Normalise by the trained tokens of the whole step on every process, so the gradient is the
-    # per-token mean however the tokens fall across forward passes and ranks (data parallel
-    # averages gradients over ranks, hence the factor `world`).
-    local_label_tokens = sum(int((b["targets"] != -100).sum()) for b in batches)
-    global_label_tokens = accelerator.reduce(
-        torch.tensor(float(local_label_tokens), device=device), reduction="sum"
+    # Normalise by the trained tokens (or pairs) of the whole step on every process, so the
+    # gradient is the per-unit mean however the units fall across forward passes and ranks (data
+    # parallel averages gradients over ranks, hence the factor `world`).
+    local_units = sum(loss_units(run, b) for b in batches)
+    global_units = accelerator.reduce(
+        torch.tensor(float(local_units), device=device), reduction="sum"
     ).item()
-    scale = world / max(global_label_tokens, 1.0)
+    scale = world / max(global_units, 1.0)
     if run.engine_accumulates:
         scale *= run.config.gradient_accumulation_steps  # DeepSpeed divides by its accumulation
     loss_sum_total = 0.0
     nonfinite = 0.0
+    names = metric_names(run)
+    metric_sums = [0.0] * len(names)
     for position, batch in enumerate(batches):
         if run.engine_accumulates:
             context = accelerator.accumulate(model)
@@ -553,11 +632,14 @@ def train_step(
         else:
             context = accelerator.no_sync(model)  # gradients all-reduced once per step
         with context:
-            loss_sum, _ = completion_loss_sum(model, batch, device)
+            loss_sum, sums = batch_loss(run, batch)
             value = loss_sum.item()
             if not math.isfinite(value):
                 nonfinite = 1.0
             loss_sum_total += value if math.isfinite(value) else 0.0
+            metric_sums = [
+                total + sums[name] for total, name in zip(metric_sums, names, strict=True)
+            ]
             accelerator.backward(loss_sum * scale)
     agreed = accelerator.reduce(
         torch.tensor(
@@ -566,6 +648,7 @@ def train_step(
                 nonfinite,
                 float(stop_requested),
                 float(sum(b["num_tokens"] for b in batches)),
+                *metric_sums,
             ],
             dtype=torch.float64,
             device=device,
@@ -586,11 +669,14 @@ def train_step(
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     return StepResult(
-        loss=float(agreed[0]) / max(global_label_tokens, 1.0),
+        loss=float(agreed[0]) / max(global_units, 1.0),
         tokens=int(agreed[3]),
         seconds=time.monotonic() - started,
         grad_norm=grad_norm,
         stop_requested=bool(agreed[2] > 0),
+        metrics={
+            name: float(agreed[4 + i]) / max(global_units, 1.0) for i, name in enumerate(names)
+        },
     )
 
 
@@ -607,25 +693,37 @@ def _log_record(
             "step": step,
             "epoch": round(step / run.steps_per_epoch, 4),
             "loss": round(result.loss, 6),
+            **{name: round(value, 6) for name, value in result.metrics.items()},
             "lr": run.scheduler.get_last_lr()[0],
             "tokens_per_s": round(tokens_per_s, 2),
             "time": round(time.time() - started, 3),
         }
         if result.grad_norm is not None:
             record["grad_norm"] = round(result.grad_norm, 6)
+        run.latest_train = {"step": step, "loss": result.loss, **result.metrics}
         progress.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
     if (config.eval_steps and step % config.eval_steps == 0) or last:
-        eval_loss = evaluate(run)
-        if eval_loss is not None:
+        evaluation = evaluate(run)
+        if evaluation is not None:
             record = record or {
                 "step": step,
                 "epoch": round(step / run.steps_per_epoch, 4),
                 "time": round(time.time() - started, 3),
             }
-            record["eval_loss"] = round(eval_loss, 6)
+            record.update(_eval_fields(evaluation))
+            run.latest_eval = {"step": step, **evaluation}
             if run.accelerator.is_main_process:
-                progress.write(f"step {step}: eval_loss {eval_loss:.4f}")
+                accuracy = evaluation.get("rewards/accuracies")
+                progress.write(
+                    f"step {step}: eval_loss {evaluation['loss']:.4f}"
+                    + ("" if accuracy is None else f", eval reward accuracy {accuracy:.3f}")
+                )
     return record
+
+
+def _eval_fields(evaluation: dict[str, float]) -> dict[str, float]:
+    """An evaluation as metrics.jsonl fields: eval_loss, eval_rewards/accuracies, ..."""
+    return {f"eval_{name}": round(value, 6) for name, value in evaluation.items()}
 
 
 def _checkpoint_due(run: TrainingRun, result: StepResult) -> bool:
@@ -648,31 +746,28 @@ def _trainer_state(run: TrainingRun) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ evaluate
 
 
-def evaluate(run: TrainingRun) -> float | None:
-    """Mean loss per trained token over the validation examples (None without any)."""
+def evaluate(run: TrainingRun) -> dict[str, float] | None:
+    """Validation metrics (None without validation data): `loss`, the mean loss per trained token
+    (per pair for dpo and reward), and for pairs the reward metrics, means per pair."""
     import torch
-
-    from training.batches import collate, completion_loss_sum
 
     if not run.val_examples:
         return None
     config, device, model = run.config, run.device, run.model
+    names = metric_names(run)
     model.eval()
     shard = run.val_examples[run.accelerator.process_index :: run.world]
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    sums = torch.zeros(2 + len(names), dtype=torch.float64, device=device)
     with torch.no_grad():
         for start in range(0, len(shard), config.micro_batch_size):
-            batch = collate(
-                shard[start : start + config.micro_batch_size],
-                packing=config.packing,
-                pad_token_id=run.tokenizer.pad_token_id,
-                row_capacity=config.max_length,
-            )
-            loss_sum, n = completion_loss_sum(model, batch, device)
-            sums += torch.tensor([loss_sum.item(), n], dtype=torch.float64, device=device)
+            batch = collate_examples(run, shard[start : start + config.micro_batch_size])
+            loss_sum, metric_sums = batch_loss(run, batch)
+            values = [loss_sum.item(), loss_units(run, batch), *(metric_sums[n] for n in names)]
+            sums += torch.tensor(values, dtype=torch.float64, device=device)
     model.train()
     sums = run.accelerator.reduce(sums, reduction="sum")
-    return float(sums[0] / sums[1])
+    means = [float(total / sums[1]) for total in sums[2:]]
+    return {"loss": float(sums[0] / sums[1]), **dict(zip(names, means, strict=True))}
 
 
 # ------------------------------------------------------------------------------ save
@@ -684,6 +779,7 @@ def save_final(run: TrainingRun) -> None:
 
     import corral
     from corral.models import resolve_model
+    from training.model import REFERENCE_ADAPTER
 
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
@@ -698,7 +794,15 @@ def save_final(run: TrainingRun) -> None:
         carry_template_for_engines(
             run.tokenizer, run.template, unwrapped.generation_config if full_weights else None
         )
-        unwrapped.save_pretrained(run.run_dir, state_dict=state_dict, safe_serialization=True)
+        # dpo after init_adapter: the trained adapter only, not the frozen reference copy.
+        only_trained = (
+            {"selected_adapters": ["default"]}
+            if REFERENCE_ADAPTER in getattr(unwrapped, "peft_config", {})
+            else {}
+        )
+        unwrapped.save_pretrained(
+            run.run_dir, state_dict=state_dict, safe_serialization=True, **only_trained
+        )
         run.tokenizer.save_pretrained(run.run_dir)
         info = run_info_for_training(
             base_model=run.config.model,
@@ -732,7 +836,19 @@ def write_summary(run: TrainingRun, speed: Throughput, *, seconds: float) -> Non
         "rank_fingerprints": fingerprints,
         "seconds": round(seconds, 2),
     }
+    if run.pairs:
+        # Pairs, not examples, for dpo and reward; the final metrics of this session.
+        summary["method"] = run.config.method
+        summary["train_metrics"] = _rounded(run.latest_train)
+        summary["eval_metrics"] = _rounded(run.latest_eval)
+        if run.config.method == "reward":
+            # The held-out pairwise accuracy: how often the reward model ranks chosen first.
+            summary["pairwise_accuracy"] = run.latest_eval.get("rewards/accuracies")
     atomic_write_text(run.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+
+
+def _rounded(metrics: dict[str, float]) -> dict[str, float]:
+    return {name: round(value, 6) for name, value in metrics.items()}
 
 
 def check_ranks_agree(accelerator: Any, model: Any) -> list[str]:

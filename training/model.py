@@ -1,4 +1,10 @@
-"""The model to train: a base from corral.models plus LoRA (peft), 4-bit QLoRA, or all weights."""
+"""The model to train: a base from corral.models plus LoRA (peft), 4-bit QLoRA, or all weights.
+
+Preference methods (training/preference.py) use the same pieces: `dpo` trains a LoRA adapter on the
+causal LM (from a fresh adapter, or from an SFT run's adapter loaded twice: once to train and once,
+frozen, as the reference policy under the name `reference`); `reward` trains LoRA on the backbone of
+a sequence-classification model whose head (`score`, hidden size -> 1) is trained in full.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,9 @@ from typing import Any
 
 from corral.errors import ConfigError
 from corral.models import load_model
-from training.config import TrainConfig
+from training.config import ADAPTER_METHODS, TrainConfig
+
+REFERENCE_ADAPTER = "reference"  # dpo with init_adapter: the frozen copy that is the reference
 
 
 def compute_dtype(config: TrainConfig) -> Any:
@@ -37,7 +45,11 @@ def check_target_modules(config: TrainConfig) -> None:
     Checked on the architecture alone (built on the meta device, no weights read), so a typo stops
     the run in a second with the names that exist, not after loading gigabytes inside peft.
     """
-    if config.method == "full" or lora_target_modules(config) == "all-linear":
+    if (
+        config.method == "full"
+        or config.init_adapter
+        or lora_target_modules(config) == "all-linear"
+    ):
         return
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -60,6 +72,68 @@ def check_target_modules(config: TrainConfig) -> None:
             f"key 'lora_target_modules': {', '.join(map(repr, unknown))} is not a linear layer of "
             f"{config.model}; choose from {', '.join(linear)} or all-linear"
         )
+
+
+def check_init_adapter(config: TrainConfig) -> None:
+    """`init_adapter` must be a finished LoRA run on the same base, trained with the same template.
+
+    Read from its run_info.json before any weights load, so a wrong folder stops the run at once.
+    """
+    if not config.init_adapter:
+        return
+    from corral.models import resolve_model
+    from corral.rundir import read_run_info
+
+    folder = config.init_adapter
+    info = read_run_info(folder)
+    if info.kind != "adapter":
+        raise ConfigError(
+            f"key 'init_adapter': {folder} holds a {info.kind} model; dpo starts from a LoRA "
+            "adapter run (run_info.json kind 'adapter')"
+        )
+    same_base = info.base_model == config.model or (
+        bool(info.base_model_path) and info.base_model_path == resolve_model(config.model)
+    )
+    if not same_base:
+        raise ConfigError(
+            f"key 'init_adapter': {folder} was trained on {info.base_model}, but model is "
+            f"{config.model}; set model={info.base_model}"
+        )
+    if info.template != config.template:
+        raise ConfigError(
+            f"key 'init_adapter': {folder} was trained with template {info.template!r}, but "
+            f"template is {config.template!r}; set template={info.template} (the policy must be "
+            "prompted as it learned)"
+        )
+
+
+def load_sequence_classifier(name: str, *, dtype: Any, tokenizer: Any) -> Any:
+    """A base as a sequence classifier with one output: the reward model's backbone and `score` head.
+
+    The head (hidden size -> 1, no bias) is new, initialised from the seed; the score of a sequence
+    is read at its last token that is not padding, so the pad id is the tokenizer's.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from corral.models import resolve_model
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model(name), num_labels=1, dtype=dtype
+    )
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def attach_initial_adapter(model: Any, folder: str) -> Any:
+    """The SFT adapter in `folder` twice: `default` to train, `reference` frozen (the reference policy)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, folder, is_trainable=True)
+    model.load_adapter(folder, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    model.set_adapter("default")  # trainable; the reference copy stays frozen
+    return model
 
 
 def build_model(config: TrainConfig, tokenizer: Any, *, local_process_index: int) -> Any:
@@ -89,27 +163,34 @@ def build_model(config: TrainConfig, tokenizer: Any, *, local_process_index: int
     else:
         # Full fine-tuning keeps fp32 master weights; mixed precision computes in bf16.
         load_dtype = torch.float32 if config.method == "full" else dtype
-        model = load_model(config.model, dtype=load_dtype, tokenizer=tokenizer)
+        if config.method == "reward":
+            model = load_sequence_classifier(config.model, dtype=load_dtype, tokenizer=tokenizer)
+        else:
+            model = load_model(config.model, dtype=load_dtype, tokenizer=tokenizer)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
     model.config.use_cache = False
 
-    if config.method in ("lora", "qlora"):
+    if config.method in ADAPTER_METHODS:
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=lora_target_modules(config),
-            use_dora=config.use_dora,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
-        if config.gradient_checkpointing and config.method == "lora":
+        if config.init_adapter:
+            model = attach_initial_adapter(model, config.init_adapter)
+        else:
+            lora = LoraConfig(
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=lora_target_modules(config),
+                use_dora=config.use_dora,
+                bias="none",
+                # SEQ_CLS makes peft train the `score` head in full and save it with the adapter.
+                task_type="SEQ_CLS" if config.method == "reward" else "CAUSAL_LM",
+            )
+            model = get_peft_model(model, lora)
+        if config.gradient_checkpointing and config.method != "qlora":
             # Frozen embeddings give inputs without grad; checkpointed blocks still need one.
             model.enable_input_require_grads()
     return model
