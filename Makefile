@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.corral-installed
 
-.PHONY: install demo test test-vllm vllm-env lint format browser clean
+.PHONY: install demo test test-vllm vllm-env test-lm-eval lmeval-env lint format browser clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,14 @@ vllm-env:
 
 test-vllm: install vllm-env
 	$(VENV)/bin/pytest -q -m vllm
+
+# lm-evaluation-harness in its own environment too (its table writer pins an older dateutil).
+LMEVAL_VENV ?= .venv-lmeval
+lmeval-env:
+	scripts/setup_lmeval_env.sh $(LMEVAL_VENV)
+
+test-lm-eval: install lmeval-env
+	$(VENV)/bin/pytest -q -m lm_eval
 
 lint: install
 	$(VENV)/bin/ruff check .

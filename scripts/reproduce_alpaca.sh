@@ -10,6 +10,8 @@
 #   scripts/reproduce_alpaca.sh --scaled-down      # the same recipe, tiny, on this CPU (minutes)
 #   scripts/reproduce_alpaca.sh --estimate ...     # what the generation would cost, nothing else
 #   scripts/reproduce_alpaca.sh --score-filter 4.5 ...   # train on the judge's best records only
+#   scripts/reproduce_alpaca.sh --recipe vicuna ...      # multi-turn: self-chat data, Vicuna format
+#   scripts/reproduce_alpaca.sh --recipe dpo ...         # Alpaca SFT, then judged pairs and DPO
 #
 # Each step resumes where it stopped when the script is run again with the same arguments:
 # generation continues its journal and training picks up its last checkpoint (resume=auto).
@@ -32,13 +34,19 @@ seed_tasks=$shared/seed_tasks.jsonl
 eval_set=$shared/user_oriented_instructions.jsonl
 eval_limit=252
 out=runs/alpaca_reproduction
+recipe=alpaca
 
 usage() {
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
   cat <<EOF
 
 Options:
   --dry-run                 print every command, run none
+  --recipe alpaca|vicuna|dpo  alpaca (default); vicuna: conversations by self-chat from the
+                            seeds, trained in the Vicuna v1.1 format with the loss on every
+                            assistant turn; dpo: the Alpaca SFT run, then answer pairs from the
+                            teacher and the SFT run judged in both orders, DPO from the SFT
+                            adapter, and the DPO run judged against its SFT parent
   --scaled-down             embedded model as teacher and base, a few records, CPU presets
   --estimate                only estimate the generation (requests, tokens, time, cost)
   --score-filter MIN        score every record with the judge (the teacher) and train only on
@@ -58,6 +66,7 @@ EOF
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry_run=1 ;;
+    --recipe) recipe=$2; shift ;;
     --scaled-down) scaled_down=1 ;;
     --estimate) estimate=1 ;;
     --score-filter) score_filter=$2; shift ;;
@@ -76,6 +85,14 @@ while [ $# -gt 0 ]; do
   shift
 done
 
+case "$recipe" in
+  alpaca|vicuna|dpo) ;;
+  *) echo "$0: --recipe must be alpaca, vicuna or dpo, got '$recipe'" >&2; exit 2 ;;
+esac
+# DPO continues a LoRA adapter (its reference is that adapter, frozen).
+[ "$recipe" = dpo ] && [ "$method" = full ] && method=lora
+[ "$recipe" = dpo ] && [ "$method" != lora ] && {
+  echo "$0: --recipe dpo trains LoRA adapters (--method lora)" >&2; exit 2; }
 case "$method" in
   full|lora|qlora) ;;
   *) echo "$0: --method must be full, lora or qlora, got '$method'" >&2; exit 2 ;;
@@ -99,7 +116,9 @@ if [ "$scaled_down" = 1 ]; then
   [ "$method" = full ] && method=lora
   [ "$out" = runs/alpaca_reproduction ] && out=runs/alpaca_scaled_down
 fi
+[ "$recipe" != alpaca ] && out="${out/alpaca_/${recipe}_}"
 data="$out/alpaca_data.json"
+[ "$recipe" = vicuna ] && data="$out/conversations.json"   # ShareGPT JSON, not Alpaca records
 train_data="$data"
 [ -n "$score_filter" ] && train_data="$out/alpaca_data_best.json"
 run_dir="$out/run_$method"
@@ -111,6 +130,17 @@ if [ "$scaled_down" = 1 ]; then
   train=("$accelerate" launch --config_file configs/accelerate/single_device.yaml train.py
     --config configs/training/smoke.yaml "data=$train_data" "output_dir=$run_dir" "method=$method"
     val_size=2 max_steps=12 resume=auto)
+  conversations=("$corral" generate --config configs/data_gen/embedded_demo.yaml
+    --mode conversations turns=2 --num-instructions 4 --output "$data")
+  train_vicuna=("$accelerate" launch --config_file configs/accelerate/single_device.yaml train.py
+    --config configs/training/vicuna_smoke.yaml "data=$data" "output_dir=$run_dir" val_size=1
+    max_steps=8 resume=auto)
+  preferences=("$corral" generate --config configs/data_gen/embedded_demo.yaml --mode preferences
+    "preference_prompts=$data" "answer_sources=[teacher,$run_dir]" judge=embedded max_tokens=48
+    --output "$out/preferences.json")
+  train_dpo=("$accelerate" launch --config_file configs/accelerate/single_device.yaml train.py
+    --config configs/training/dpo_smoke.yaml "data=$out/preferences.json" "init_adapter=$run_dir"
+    "output_dir=$out/run_dpo" val_size=0 max_steps=8 resume=auto)
   score=("$corral" score "$data" --judge embedded --output "$out/alpaca_data_scored.json")
   base_model=embedded
   evaluate=("$corral" eval --eval-set "$eval_set" --base embedded --tuned "$run_dir" --limit 3
@@ -137,6 +167,19 @@ else
   evaluate=("$corral" eval --eval-set "$eval_set" --base "$base_model" --tuned "$run_dir"
     --limit "$eval_limit" --judge-model "$teacher_model" --output "$out/eval.json")
   evaluate+=(--judge-base-url "${teacher_base_url:-https://api.openai.com/v1}")
+  conversations=("${generate[@]}" --mode conversations turns=3)
+  train_vicuna=("$accelerate" launch --config_file configs/accelerate/fsdp.yaml --num_processes
+    "$gpus" train.py --config configs/training/vicuna_7b.yaml "model=$base_model" "data=$data"
+    "output_dir=$run_dir" resume=auto)
+  [ "$gpus" -le 1 ] && train_vicuna=("$accelerate" launch --config_file
+    configs/accelerate/single_device.yaml train.py --config configs/training/vicuna_7b.yaml
+    "model=$base_model" "data=$data" "output_dir=$run_dir" method=qlora resume=auto)
+  preferences=("$corral" generate --mode preferences --model "$teacher_model"
+    "preference_prompts=$data" "answer_sources=[teacher,$run_dir]" --output "$out/preferences.json")
+  [ -n "$teacher_base_url" ] && preferences+=(--base-url "$teacher_base_url")
+  train_dpo=("$accelerate" launch --config_file "$accel_config" --num_processes "$gpus" train.py
+    --config configs/training/dpo_7b.yaml "model=$base_model" "data=$out/preferences.json"
+    "init_adapter=$run_dir" "output_dir=$out/run_dpo" resume=auto)
   if [ -z "${OPENAI_API_KEY:-}" ] && [ "$dry_run" = 0 ]; then
     echo "note: OPENAI_API_KEY is not set; a hosted teacher will refuse the requests" >&2
   fi
@@ -154,12 +197,39 @@ if [ "$estimate" = 1 ]; then
     "$([ "$dry_run" = 1 ] && echo ' (dry run: nothing was run)')" "$data"
   exit 0
 fi
+if [ "$recipe" = vicuna ]; then
+  # Vicuna: multi-turn conversations (ShareGPT JSON) instead of single instructions.
+  run "${conversations[@]}"
+  run "${train_vicuna[@]}"
+  [ ${#evaluate[@]} -gt 0 ] && run "${evaluate[@]}"
+  report=("$corral" report "$run_dir")
+  [ ${#evaluate[@]} -gt 0 ] && report+=("$out/eval.json")
+  run "${report[@]}" --output "$out/report.html"
+  printf '\nDone%s. Everything is under %s:\n' "$([ "$dry_run" = 1 ] && echo ' (dry run: nothing was run)')" "$out"
+  printf '  data      %s\n  run       %s\n  report    %s\n' "$data" "$run_dir" "$out/report.html"
+  exit 0
+fi
 run "${generate[@]}"
 if [ -n "$score_filter" ]; then
   run "${score[@]}"
   run "$corral" audit "$out/alpaca_data_scored.json" --min-score "$score_filter" --fix "$train_data"
 fi
 run "${train[@]}"
+if [ "$recipe" = dpo ]; then
+  # DeepSpeed-Chat's second stage, by DPO: pairs judged in both orders, then DPO from the SFT run.
+  run "${preferences[@]}"
+  run "${train_dpo[@]}"
+  if [ ${#evaluate[@]} -gt 0 ]; then
+    # The DPO run against its SFT parent, with the same judge.
+    for i in "${!evaluate[@]}"; do
+      case "${evaluate[$i]}" in
+        --base) evaluate[i + 1]=$run_dir ;;
+        --tuned) evaluate[i + 1]=$out/run_dpo ;;
+      esac
+    done
+  fi
+  run_dir="$out/run_dpo"
+fi
 [ ${#evaluate[@]} -gt 0 ] && run "${evaluate[@]}"
 report=("$corral" report "$data" "$run_dir")
 [ ${#evaluate[@]} -gt 0 ] && report+=("$out/eval.json")

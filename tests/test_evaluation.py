@@ -126,3 +126,32 @@ def test_eval_with_embedded_as_contestants_and_judge(tmp_path, capsys):
     assert result["judge"]["win_rate"] == {"tuned": 0.0, "base": 0.0, "tie": 1.0}
     assert all(row["judge"]["base_first"] == row["judge"]["tuned_first"] for row in result["items"])
     assert "judge embedded" in capsys.readouterr().out
+
+
+def test_eval_needs_an_eval_set_or_harness_tasks(tmp_path, capsys):
+    assert main(["eval", "--output", str(tmp_path / "e.json")]) == 2
+    assert "--eval-set" in capsys.readouterr().err
+    missing = tmp_path / "no-lm-eval"
+    code = main(["eval", "--lm-eval-tasks", "arc_easy", "--lm-eval", str(missing),
+                 "--output", str(tmp_path / "e.json")])  # fmt: skip
+    assert code == 2
+    assert f"{missing}: not an executable lm_eval" in capsys.readouterr().err
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_harness_model_args_give_an_adapter_run_as_peft_on_its_base(lora_run, tiny_model_path):
+    from evaluation.harness import lm_eval_command, model_args
+
+    args, description = model_args(str(lora_run))
+    assert (
+        args
+        == f"pretrained={tiny_model_path},peft={lora_run.resolve()},tokenizer={lora_run.resolve()}"
+    )
+    assert "adapter on tiny-random" in description
+    assert model_args("tiny-random")[0] == f"pretrained={tiny_model_path}"
+    command = lm_eval_command(
+        "lm_eval", "tiny-random", "arc_easy", lora_run, limit=5, chat_template=True, device="cpu"
+    )
+    assert command[:3] == ["lm_eval", "--model", "hf"]
+    assert command[command.index("--limit") + 1] == "5" and "--apply_chat_template" in command
+    assert command[command.index("--output_path") + 1] == str(lora_run)

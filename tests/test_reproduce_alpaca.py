@@ -135,3 +135,43 @@ def test_score_filter_trains_on_the_audited_best(data_files):
     assert audit_args.data == score_args.output and audit_args.min_score == 4.5
     _, config = _check_train_command(train)
     assert config.data == audit_args.fix != gen_args.output
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_dpo_recipe_trains_sft_then_dpo_from_it_and_judges_dpo_against_sft(data_files, scaled):
+    args = ["--recipe", "dpo", *data_files] + (["--scaled-down"] if scaled else [])
+    (generate, sft, preferences, dpo, evaluate, report), _ = dry_run(*args)
+    parser = build_parser()
+    _, sft_config = _check_train_command(sft)
+    assert sft_config.method == "lora"
+    pref_args = parser.parse_args(preferences[1:])
+    assert pref_args.mode == "preferences"
+    assert f"preference_prompts={parser.parse_args(generate[1:]).output}" in pref_args.overrides
+    assert f"answer_sources=[teacher,{sft_config.output_dir}]" in pref_args.overrides
+    _, dpo_config = _check_train_command(dpo)
+    assert dpo_config.method == "dpo" and dpo_config.init_adapter == sft_config.output_dir
+    assert dpo_config.data == pref_args.output and dpo_config.template == sft_config.template
+    assert dpo_config.model == sft_config.model
+    eval_args = parser.parse_args(evaluate[1:])
+    assert (eval_args.base, eval_args.tuned) == (sft_config.output_dir, dpo_config.output_dir)
+    assert dpo_config.output_dir in parser.parse_args(report[1:]).inputs
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_vicuna_recipe_generates_conversations_and_trains_the_vicuna_format(data_files, scaled):
+    args = ["--recipe", "vicuna", *data_files] + (["--scaled-down"] if scaled else [])
+    (generate, train, evaluate, report), _ = dry_run(*args)
+    gen_args = build_parser().parse_args(generate[1:])
+    assert gen_args.mode == "conversations" and gen_args.output.endswith("conversations.json")
+    _, config = _check_train_command(train)
+    assert config.template == "vicuna" and config.data == gen_args.output
+    assert config.method == ("lora" if scaled else "full")
+    assert build_parser().parse_args(evaluate[1:]).tuned == config.output_dir
+
+
+def test_a_dpo_recipe_needs_lora():
+    result = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run", "--recipe", "dpo", "--method", "qlora"],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--method lora" in result.stderr
