@@ -77,9 +77,37 @@ def error_response(
 # ---------------------------------------------------------------------------- request schemas
 
 
+def _lone_surrogate(value: Any) -> bool:
+    """Whether `value` holds a string with a lone UTF-16 surrogate anywhere inside it.
+
+    JSON may spell one ("\\ud800"), Python's json module accepts it, but it is not text: the
+    tokenizer and the UTF-8 response writer both fail on it, so it is refused up front.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, BaseModel):
+        return _lone_surrogate(value.__dict__) or _lone_surrogate(value.__pydantic_extra__ or {})
+    if isinstance(value, dict):
+        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_lone_surrogate(item) for item in value)
+    return False
+
+
 class _Request(BaseModel):
     # Clients send fields this server does not use (user, logprobs=None, ...); accept and ignore.
     model_config = ConfigDict(extra="allow")
+
+    @field_validator("*")
+    @classmethod
+    def _check_text(cls, value: Any) -> Any:
+        if _lone_surrogate(value):
+            raise ValueError("contains a lone surrogate (\\ud800-\\udfff), which is not valid text")
+        return value
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -238,7 +266,10 @@ class OpenAIServer:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+        # Compared as bytes: compare_digest refuses non-ASCII str, and a header may hold any byte
+        # (the server decodes headers as latin-1, so this gives back the bytes that were sent).
+        sent = token.strip().encode("latin-1", "replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(sent, self.api_key.encode()):
             raise APIError(
                 401,
                 "invalid or missing API key (send Authorization: Bearer KEY)",

@@ -48,6 +48,13 @@ def test_under_accelerate_launch_the_script_itself_prints_one_line(tmp_path):
     assert result.returncode != 0
     assert "train.py: error: ./typo: no such model folder" in result.stderr
     assert "ModelNotFoundError" not in result.stderr  # no traceback from train.py itself
+    # With -q the launcher keeps its own traceback to itself: the error line is the last one.
+    quiet = run(
+        [ACCELERATE, "launch", "-q", "train.py", "--config", str(SMOKE), "model=./typo"],
+        timeout=300,
+    )
+    assert quiet.returncode != 0
+    assert quiet.stderr.strip().splitlines()[-1] == "train.py: error: ./typo: no such model folder"
 
 
 SMOKE_DATA = REPO / "configs" / "training" / "smoke_alpaca.json"
