@@ -205,23 +205,28 @@ def _seed_from_self_instruct(
     )
 
 
+def seed_task_from_record(
+    obj: dict[str, Any], path: str | os.PathLike, loc: dict[str, int], position: int
+) -> SeedTask:
+    """One seed task from a Self-Instruct seed record or an Alpaca record (the `position`-th)."""
+    if "instances" in obj:
+        return _seed_from_self_instruct(obj, path, loc)
+    record = validate_alpaca_record(obj, path, loc)
+    return SeedTask(
+        instruction=record["instruction"],
+        instances=[{"input": record["input"], "output": record["output"]}],
+        is_classification=bool(record.get("is_classification", False)),
+        id=str(record.get("id", f"seed_{position}")),
+        extra={k: v for k, v in record.items() if k not in (*ALPACA_FIELDS, "id")},
+    )
+
+
 def read_seed_tasks(path: str | os.PathLike) -> list[SeedTask]:
     """Read seed tasks: Self-Instruct seed JSONL as-is, or Alpaca records (JSON or JSONL)."""
-    seeds: list[SeedTask] = []
-    for obj, loc in iter_json_objects(path):
-        if "instances" in obj:
-            seeds.append(_seed_from_self_instruct(obj, path, loc))
-        else:
-            record = validate_alpaca_record(obj, path, loc)
-            seeds.append(
-                SeedTask(
-                    instruction=record["instruction"],
-                    instances=[{"input": record["input"], "output": record["output"]}],
-                    is_classification=bool(record.get("is_classification", False)),
-                    id=str(record.get("id", f"seed_{len(seeds)}")),
-                    extra={k: v for k, v in record.items() if k not in (*ALPACA_FIELDS, "id")},
-                )
-            )
+    seeds = [
+        seed_task_from_record(obj, path, loc, i)
+        for i, (obj, loc) in enumerate(iter_json_objects(path))
+    ]
     if not seeds:
         raise RecordError(path, "no seed tasks: the file holds an empty list")
     return seeds

@@ -7,7 +7,10 @@
   position bias instead of letting it pick the winner.
 
 The evaluation set is Self-Instruct's user-oriented format (`instruction, instances[{input,
-output}]`) or Alpaca records. It is for evaluation only: never train on it.
+output}]`), Alpaca records, or conversations (ShareGPT `conversations` or OpenAI `messages`):
+a conversation's last user turn is the question, asked with every earlier turn as its history in
+each model's own template, and its last assistant turn is the reference; the judge sees the
+history too. It is for evaluation only: never train on it.
 """
 
 from __future__ import annotations
@@ -17,31 +20,65 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from corral.records import read_seed_tasks
+from corral.errors import RecordError
+from corral.records import (
+    conversation_from_record,
+    is_conversation,
+    iter_json_objects,
+    seed_task_from_record,
+)
 from data_gen.judges import combine_orders, judge_prompt
 from data_gen.teachers import TeacherError
 
 
 @dataclass
 class EvalItem:
-    instruction: str
+    instruction: str  # for a conversation: its last user turn
     input: str
     reference: str
+    # A conversation's turns before its last user turn (system included), as {role, content}.
+    history: tuple[dict[str, str], ...] = ()
+
+    def record(self) -> dict[str, Any]:
+        """What the models answer: an Alpaca record, or the whole conversation so far."""
+        record: dict[str, Any] = {"instruction": self.instruction, "input": self.input}
+        if self.history:
+            record["messages"] = [*self.history, {"role": "user", "content": self.instruction}]
+        return record
+
+    def judge_context(self) -> str:
+        """The input the judge sees: the record's input, or the conversation before the question."""
+        if not self.history:
+            return self.input
+        speakers = {"system": "System", "user": "User", "assistant": "Assistant"}
+        lines = [f"{speakers[t['role']]}: {t['content']}" for t in self.history]
+        return "Earlier in the conversation:\n" + "\n".join(lines)
 
 
 def read_eval_set(path: str | Path, limit: int | None = None) -> list[EvalItem]:
-    """The first instance of each task (user-oriented JSONL or Alpaca records), up to `limit`."""
+    """The first instance of each task (user-oriented JSONL or Alpaca records), or the last
+    exchange of each conversation with the turns before it; up to `limit` items."""
     items = []
-    for task in read_seed_tasks(path):
-        first = task.instances[0]
-        items.append(EvalItem(task.instruction, first["input"], first["output"]))
-    return items[:limit] if limit else items
+    for position, (obj, loc) in enumerate(iter_json_objects(path)):
+        if is_conversation(obj):
+            messages = conversation_from_record(obj, path, loc)["messages"]
+            question, reference = messages[-2]["content"], messages[-1]["content"]
+            items.append(EvalItem(question, "", reference, history=tuple(messages[:-2])))
+        else:
+            task = seed_task_from_record(obj, path, loc, position)
+            first = task.instances[0]
+            items.append(EvalItem(task.instruction, first["input"], first["output"]))
+        if limit and len(items) >= limit:
+            break
+    if not items:
+        raise RecordError(path, "no evaluation items: the file holds an empty list")
+    return items
 
 
 def _answer_all(model_or_run: str, items: list[EvalItem], max_new_tokens: int) -> list[Any]:
     from inference.generation import answer_instructions
 
-    records = [{"instruction": i.instruction, "input": i.input} for i in items]
+    records = [item.record() for item in items]
     return answer_instructions(model_or_run, records, max_new_tokens=max_new_tokens)
 
 
@@ -82,6 +119,8 @@ def evaluate(
         }
     for index, item in enumerate(items):
         row = {"instruction": item.instruction, "input": item.input, "reference": item.reference}
+        if item.history:
+            row["history"] = list(item.history)
         for role in contestants:
             row[role] = answers[role][index].text
         result["items"].append(row)
@@ -89,11 +128,11 @@ def evaluate(
         base_texts = [a.text for a in answers["base"]]
         tuned_texts = [a.text for a in answers["tuned"]]
         prompts = [
-            judge_prompt(i.instruction, i.input, b, t)
+            judge_prompt(i.instruction, i.judge_context(), b, t)
             for i, b, t in zip(items, base_texts, tuned_texts, strict=True)
         ]
         prompts += [
-            judge_prompt(i.instruction, i.input, t, b)
+            judge_prompt(i.instruction, i.judge_context(), t, b)
             for i, b, t in zip(items, base_texts, tuned_texts, strict=True)
         ]
         verdicts = judge.judge(prompts)

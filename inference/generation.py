@@ -73,7 +73,10 @@ def answer_records(
 
 
 def record_prompt(loaded: LoadedModel, record: dict[str, Any]) -> list[int]:
-    """Token ids of an Alpaca record's prompt in the model's template."""
+    """Token ids of an Alpaca record's prompt in the model's template; a record with `messages`
+    (a conversation ending with a user turn) is rendered whole, every earlier turn included."""
+    if record.get("messages"):
+        return encode_prompt(loaded, render_conversation(loaded, record["messages"]))
     prompt = loaded.template.format_prompt(record["instruction"], record.get("input") or "")
     return encode_prompt(loaded, prompt)
 

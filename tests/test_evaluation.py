@@ -11,6 +11,7 @@ import pytest
 from openai_test_server import OpenAITestServer
 
 from corral.cli import main
+from corral.errors import RecordError
 from data_gen.judges import EndpointJudge, combine_orders, judge_prompt, parse_verdict
 from evaluation.evaluate import EvalItem, read_eval_set
 
@@ -155,3 +156,80 @@ def test_harness_model_args_give_an_adapter_run_as_peft_on_its_base(lora_run, ti
     assert command[:3] == ["lm_eval", "--model", "hf"]
     assert command[command.index("--limit") + 1] == "5" and "--apply_chat_template" in command
     assert command[command.index("--output_path") + 1] == str(lora_run)
+
+
+CONVERSATION_EVAL = [
+    {
+        "conversations": [
+            {"from": "system", "value": "You answer in one word."},
+            {"from": "human", "value": "Name a primary color."},
+            {"from": "gpt", "value": "Red."},
+            {"from": "human", "value": "And another one?"},
+            {"from": "gpt", "value": "Blue."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "What is 2 + 2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "Double it."},
+            {"role": "assistant", "content": "8"},
+        ]
+    },
+    {"instruction": "Name the capital of France.", "input": "", "output": "Paris"},
+]
+
+
+def test_a_conversation_is_asked_its_last_question_with_the_turns_before_it(tmp_path):
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in CONVERSATION_EVAL))
+    first, second, alpaca = read_eval_set(path)
+    assert (first.instruction, first.reference) == ("And another one?", "Blue.")
+    assert [t["role"] for t in first.history] == ["system", "user", "assistant"]
+    assert first.record()["messages"][-1] == {"role": "user", "content": "And another one?"}
+    assert (second.instruction, second.reference, len(second.history)) == ("Double it.", "8", 2)
+    assert "User: What is 2 + 2?\nAssistant: 4" in second.judge_context()
+    assert alpaca == EvalItem("Name the capital of France.", "", "Paris")
+    assert "messages" not in alpaca.record()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(RecordError, match=r"bad.jsonl: line 1: field 'messages': no answered"):
+        read_eval_set(bad)
+
+
+@pytest.mark.slow
+def test_eval_answers_conversations_in_each_models_template_and_the_judge_sees_them(
+    tmp_path, lora_run, capsys
+):
+    from inference.generation import record_prompt
+    from inference.loading import load_for_inference
+
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in CONVERSATION_EVAL))
+    items = read_eval_set(path)
+    # The tuned run (Dolly format) is asked the whole conversation in its own format.
+    loaded = load_for_inference(str(lora_run))
+    text = loaded.tokenizer.decode(record_prompt(loaded, items[1].record()))
+    assert text.index("What is 2 + 2?") < text.index("4") < text.index("Double it.")
+    assert text.count("### Instruction:") == 2 and text.rstrip().endswith("### Response:")
+
+    judged: list[str] = []
+
+    def judge(prompt, request):
+        judged.append(prompt)
+        return "A"
+
+    out = tmp_path / "eval.json"
+    with OpenAITestServer(responder=judge) as server:
+        code = main(
+            ["eval", "--eval-set", str(path), "--base", "tiny-random", "--tuned", str(lora_run),
+             "--max-new-tokens", "4", "--judge-base-url", server.base_url, "--judge-model", "j",
+             "--output", str(out)]
+        )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert [len(row.get("history", [])) for row in result["items"]] == [3, 2, 0]
+    assert result["items"][1]["reference"] == "8"
+    assert len(judged) == 6 and sum("Earlier in the conversation" in p for p in judged) == 4
+    # The same letter in both orders: position bias, cancelled into ties.
+    assert result["judge"]["win_rate"]["tie"] == 1.0
