@@ -137,10 +137,8 @@ def test_score_filter_trains_on_the_audited_best(data_files):
     assert config.data == audit_args.fix != gen_args.output
 
 
-@pytest.mark.parametrize("scaled", [False, True])
-def test_dpo_recipe_trains_sft_then_dpo_from_it_and_judges_dpo_against_sft(data_files, scaled):
-    args = ["--recipe", "dpo", *data_files] + (["--scaled-down"] if scaled else [])
-    (generate, sft, preferences, dpo, evaluate, report), _ = dry_run(*args)
+def test_dpo_recipe_trains_sft_then_dpo_from_it_and_judges_dpo_against_sft(data_files):
+    (generate, sft, preferences, dpo, evaluate, report), _ = dry_run("--recipe", "dpo", *data_files)
     parser = build_parser()
     _, sft_config = _check_train_command(sft)
     assert sft_config.method == "lora"
@@ -155,6 +153,18 @@ def test_dpo_recipe_trains_sft_then_dpo_from_it_and_judges_dpo_against_sft(data_
     eval_args = parser.parse_args(evaluate[1:])
     assert (eval_args.base, eval_args.tuned) == (sft_config.output_dir, dpo_config.output_dir)
     assert dpo_config.output_dir in parser.parse_args(report[1:]).inputs
+
+
+def test_scaled_down_dpo_recipe_trains_on_the_hand_written_pairs(data_files):
+    (_, sft, dpo, evaluate, _), stderr = dry_run("--recipe", "dpo", "--scaled-down", *data_files)
+    _, sft_config = _check_train_command(sft)
+    _, dpo_config = _check_train_command(dpo)
+    assert dpo_config.method == "dpo" and dpo_config.init_adapter == sft_config.output_dir
+    assert dpo_config.data.endswith("smoke_preferences.jsonl") and Path(dpo_config.data).is_file()
+    assert (dpo_config.model, dpo_config.template) == (sft_config.model, sft_config.template)
+    assert "smoke_preferences.jsonl" in stderr
+    eval_args = build_parser().parse_args(evaluate[1:])
+    assert (eval_args.base, eval_args.tuned) == (sft_config.output_dir, dpo_config.output_dir)
 
 
 @pytest.mark.parametrize("scaled", [False, True])
