@@ -96,7 +96,11 @@ class TrainConfig:
         default=False, metadata={"help": "recompute activations in backward to save memory"}
     )
     precision: Literal["auto", "bf16", "fp32"] = field(
-        default="auto", metadata={"help": "auto: bf16 on GPUs that support it, fp32 otherwise"}
+        default="auto",
+        metadata={
+            "help": "auto: bf16 mixed precision on GPUs that support it and on CPUs with native "
+            "bf16 (AVX512-BF16, AMX), fp32 otherwise"
+        },
     )
     # ---- preferences (method dpo or reward)
     beta: float = field(

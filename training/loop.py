@@ -344,6 +344,7 @@ def setup(config: TrainConfig, accelerator: Any) -> TrainingRun:
         model = build_model(config, tokenizer, local_process_index=accelerator.local_process_index)
     trainable, total = count_parameters(model)
     say(f"model: {config.model} ({config.method}): {trainable:,} trainable of {total:,} parameters")
+    say(f"precision: {precision_name(accelerator)} (precision={config.precision})")
     if config.method == "dpo":
         say(
             f"dpo: beta {config.beta}, loss {config.loss_type}; the policy starts from "
@@ -487,6 +488,11 @@ def _make_accelerator(config: TrainConfig) -> Any:
     )
     check_one_process_group(accelerator.num_processes)
     return accelerator
+
+
+def precision_name(accelerator: Any) -> str:
+    """What the run computes in: bf16 mixed precision (fp32 master weights) or fp32."""
+    return "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
 
 
 def check_one_process_group(joined: int) -> None:
@@ -834,6 +840,7 @@ def write_summary(run: TrainingRun, speed: Throughput, *, seconds: float) -> Non
         if speed.session_seconds
         else None,
         "rank_fingerprints": fingerprints,
+        "precision": precision_name(run.accelerator),
         "seconds": round(seconds, 2),
     }
     if run.pairs:
