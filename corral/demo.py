@@ -39,8 +39,22 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _banner(step: int, text: str) -> None:
-    print(f"\n=== [{step}/4] {text}", flush=True)
+class _Steps:
+    """Numbered step banners, each followed by the time its step took."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.number, self.started, self.times = total, 0, 0.0, {}
+
+    def begin(self, text: str) -> None:
+        self.end()
+        self.number += 1
+        self.name, self.started = text.split(" ")[0], time.monotonic()
+        print(f"\n=== [{self.number}/{self.total}] {text}", flush=True)
+
+    def end(self) -> None:
+        if self.number and self.name not in self.times:
+            self.times[self.name] = time.monotonic() - self.started
+            print(f"--- step {self.number} took {self.times[self.name]:.1f} s", flush=True)
 
 
 def generate_step(out: Path, num_instructions: int, fresh: bool) -> tuple[Path, Path]:
@@ -96,22 +110,25 @@ def run_demo(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     print(f"Corral demo: the embedded model ({resolve_model('embedded')}) end to end.")
 
-    _banner(1, f"generate {args.num_instructions} instructions with the embedded teacher")
+    steps = _Steps(4)
+    steps.begin(f"generate {args.num_instructions} instructions with the embedded teacher")
     data, manifest = generate_step(out, args.num_instructions, args.fresh)
 
-    _banner(2, f"train a LoRA on them ({args.epochs:g} epochs, template {DEMO_TEMPLATE})")
+    steps.begin(f"train a LoRA on them ({args.epochs:g} epochs, template {DEMO_TEMPLATE})")
     run_dir = train_step(out, data, args.epochs, args.fresh)
 
-    _banner(3, "answer held-out instructions: base vs tuned")
+    steps.begin("answer held-out instructions: base vs tuned")
     compare_step(run_dir, args.max_new_tokens)
 
-    _banner(4, "report")
+    steps.begin("report")
     from data_gen.config import GenerateConfig
 
     seeds = GenerateConfig().seed_tasks_path()
     report = write_report([data, run_dir], out / "report.html", seed_tasks=seeds)
 
-    print(f"\nDone in {time.monotonic() - started:.0f} s. Written:")
+    steps.end()
+    timing = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in steps.times.items())
+    print(f"\nDone in {time.monotonic() - started:.0f} s ({timing}). Written:")
     for label, path in (
         ("data", data),
         ("manifest", manifest),

@@ -48,3 +48,17 @@ def test_unknown_model_folder_is_one_line_exit_2(capsys):
     assert main(["model", "prepare", "./no/such/folder"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "corral: error: ./no/such/folder: no such model folder"
+
+
+def test_the_demo_prints_each_steps_time(capsys):
+    from corral.demo import _Steps
+
+    steps = _Steps(2)
+    steps.begin("generate 4 instructions")
+    steps.begin("train a LoRA")
+    steps.end()
+    steps.end()  # a second end adds nothing
+    out = capsys.readouterr().out
+    assert "=== [1/2] generate 4 instructions" in out and "=== [2/2] train a LoRA" in out
+    assert out.count("took") == 2 and "--- step 2 took" in out
+    assert list(steps.times) == ["generate", "train"]
