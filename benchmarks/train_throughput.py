@@ -18,6 +18,14 @@ What is measured:
 The two trainers run concurrently, each pinned to its own CPU core with one thread: both see the
 same machine, including whatever else runs on it, for the whole measurement.
 
+Model FLOPs utilisation, the way GPU tools report it: each process first measures its core's
+matrix-multiply ceiling (fp32 and bf16 GEMMs at the model's MLP shape, one thread), then
+MFU = tokens/s x model FLOPs per token / ceiling, with model FLOPs per token of a LoRA step =
+4 N_mm (forward, and the input gradients the frozen weights still need) + 6 N_adapter + 12 L d l
+(attention, l the mean example length), N_mm counting every weight that multiplies (the
+vocabulary projection included). `--roles corral corral_bf16` compares Corral in fp32 and in bf16
+(autocast on CPUs with native bf16) instead of Corral and TRL.
+
 Corral runs its defaults for speed: length-grouped batches, logits only at trained positions,
 and `max_tokens_per_forward=512` (each 8-example batch runs as forward passes of at most 512
 padded tokens; the optimizer step and its gradient are the same). TRL runs its SFTTrainer
@@ -108,7 +116,39 @@ def evaluate_adapter(adapter_dir: Path, eval_path: Path) -> float:
     return total / count
 
 
-def run_corral(train_path: Path, workdir: Path, steps: int) -> dict:
+def gemm_ceiling(dtype_name: str, seconds: float = 2.0) -> float:
+    """FLOP/s of this core for a [512 x hidden] @ [hidden x intermediate] matmul in `dtype`."""
+    import torch
+
+    from corral.models import resolve_model
+
+    config = json.loads((Path(resolve_model("embedded")) / "config.json").read_text())
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(512, config["hidden_size"], dtype=dtype)
+    b = torch.randn(config["hidden_size"], config["intermediate_size"], dtype=dtype)
+    for _ in range(3):
+        a @ b  # warm up
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        count += 1
+    return count * 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - started)
+
+
+def flops_per_token(mean_length: float) -> float:
+    """Model FLOPs per token of a LoRA step (module docstring)."""
+    from corral.models import resolve_model
+
+    c = json.loads((Path(resolve_model("embedded")) / "config.json").read_text())
+    h, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    head = h // c["num_attention_heads"]
+    kv = head * c.get("num_key_value_heads", c["num_attention_heads"])
+    n_mm = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + c["vocab_size"] * h
+    n_adapter = layers * LORA["r"] * (2 * h + (h + kv))  # r x (in + out) on q_proj and v_proj
+    return 4 * n_mm + 6 * n_adapter + 12 * layers * h * mean_length
+
+
+def run_corral(train_path: Path, workdir: Path, steps: int, precision: str = "fp32") -> dict:
     from corral.config import load_config
     from training.config import TrainConfig
     from training.loop import train
@@ -127,7 +167,7 @@ def run_corral(train_path: Path, workdir: Path, steps: int) -> dict:
             f"lora_alpha={LORA['alpha']}",
             f"lora_dropout={LORA['dropout']}",
             f"lora_target_modules=[{','.join(LORA['targets'])}]",
-            "precision=fp32",
+            f"precision={precision}",
             f"micro_batch_size={BATCH}",
             "gradient_accumulation_steps=1",
             "max_tokens_per_forward=512",
@@ -149,6 +189,7 @@ def run_corral(train_path: Path, workdir: Path, steps: int) -> dict:
     peak = peak_rss_gb()
     summary = json.loads((run_dir / "train_summary.json").read_text())
     return {
+        "precision": precision,
         "tokens_per_s": summary["session_tokens_per_s"],
         "tokens": summary["session_tokens"],
         "train_seconds": summary["session_train_seconds"],
@@ -224,6 +265,7 @@ def run_trl(train_path: Path, workdir: Path, steps: int) -> dict:
     adapter = out_dir / "adapter"
     trainer.model.save_pretrained(adapter)
     return {
+        "precision": "fp32",
         "tokens_per_s": tokens / seconds,
         "tokens": tokens,
         "train_seconds": seconds,
@@ -238,12 +280,29 @@ def child(role: str, workdir: Path, steps: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(1)
     train_path, eval_path = workdir / "train.json", workdir / "eval.json"
-    result = (
-        run_corral(train_path, workdir, steps)
-        if role == "corral"
-        else run_trl(train_path, workdir, steps)
-    )
+    ceilings = {name: gemm_ceiling(name) for name in ("float32", "bfloat16")}
+    if role == "trl":
+        result = run_trl(train_path, workdir, steps)
+    else:
+        precision = "bf16" if role == "corral_bf16" else "fp32"
+        result = run_corral(train_path, workdir / role, steps, precision)
     result["eval_loss"] = evaluate_adapter(Path(result["adapter"]), eval_path)
+    result["gemm_ceiling_gflops"] = {k: round(v / 1e9, 1) for k, v in ceilings.items()}
+    from corral.models import load_tokenizer
+    from corral.records import read_alpaca
+    from corral.templates import get_template
+
+    tokenizer = load_tokenizer("embedded")
+    template = get_template("alpaca", tokenizer)
+    lengths = [
+        len(tokenizer("".join(template.format_example(r["instruction"], r["input"], r["output"])))
+            ["input_ids"])
+        for r in read_alpaca(train_path)
+    ]  # fmt: skip
+    per_token = flops_per_token(sum(lengths) / len(lengths))
+    ceiling = ceilings["bfloat16" if result["precision"] == "bf16" else "float32"]
+    result["flops_per_token"] = per_token
+    result["mfu"] = round(result["tokens_per_s"] * per_token / ceiling, 4)
     print(json.dumps(result))
 
 
@@ -253,7 +312,14 @@ def main() -> None:
     parser.add_argument(
         "--seed-tasks", type=Path, default=DEFAULT_SEEDS, help="Self-Instruct seeds"
     )
-    parser.add_argument("--role", choices=("corral", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--roles",
+        nargs=2,
+        default=["corral", "trl"],
+        choices=("corral", "corral_bf16", "trl"),
+        help="the two measured side by side (default: corral trl)",
+    )
+    parser.add_argument("--role", choices=("corral", "corral_bf16", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--core", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -271,7 +337,7 @@ def main() -> None:
         cores = sorted(os.sched_getaffinity(0))
         procs = {}
         started = time.monotonic()
-        for position, role in enumerate(("corral", "trl")):
+        for position, role in enumerate(args.roles):
             core = cores[position % len(cores)]
             procs[role] = subprocess.Popen(
                 [
@@ -301,26 +367,27 @@ def main() -> None:
                 f"{role}: {json.dumps(results[role])} ({time.monotonic() - started:.0f} s)",
                 file=sys.stderr,
             )
-    corral, trl = results["corral"], results["trl"]
-    print(
-        json.dumps(
-            {
-                "corral_tokens_per_s": round(corral["tokens_per_s"], 2),
-                "trl_tokens_per_s": round(trl["tokens_per_s"], 2),
-                "corral_peak_rss_gb": round(corral["peak_rss_gb"], 3),
-                "trl_peak_rss_gb": round(trl["peak_rss_gb"], 3),
-                "corral_eval_loss": round(corral["eval_loss"], 4),
-                "trl_eval_loss": round(trl["eval_loss"], 4),
-                "tokens_per_s_ratio": round(corral["tokens_per_s"] / trl["tokens_per_s"], 3),
-                "peak_rss_ratio": round(corral["peak_rss_gb"] / trl["peak_rss_gb"], 3),
-                "steps": args.steps,
-                "batch_size": BATCH,
-                "max_length": MAX_LENGTH,
-                "corral_tokens": corral["tokens"],
-                "trl_tokens": trl["tokens"],
-            }
-        )
+    first, second = (results[role] for role in args.roles)
+    report = {"roles": args.roles, "steps": args.steps, "batch_size": BATCH,
+              "max_length": MAX_LENGTH}  # fmt: skip
+    for role in args.roles:
+        r = results[role]
+        report[role] = {
+            "precision": r["precision"],
+            "tokens_per_s": round(r["tokens_per_s"], 2),
+            "tokens": r["tokens"],
+            "peak_rss_gb": round(r["peak_rss_gb"], 3),
+            "eval_loss": round(r["eval_loss"], 4),
+            "mfu": r["mfu"],
+            "gemm_ceiling_gflops": r["gemm_ceiling_gflops"],
+        }
+    report["tokens_per_s_ratio"] = round(first["tokens_per_s"] / second["tokens_per_s"], 3)
+    report["peak_rss_ratio"] = round(first["peak_rss_gb"] / second["peak_rss_gb"], 3)
+    report["eval_loss_relative_difference"] = round(
+        abs(first["eval_loss"] - second["eval_loss"]) / second["eval_loss"], 4
     )
+    report["flops_per_token"] = round(first["flops_per_token"])
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":
