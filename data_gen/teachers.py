@@ -4,8 +4,10 @@
   Corral's own server) through the official `openai` client, chat or completions API, with many
   requests in flight and its own retry policy: exponential backoff with jitter on 429, 5xx,
   timeouts, dropped connections and malformed replies, waiting at least what Retry-After says.
-- `LocalTeacher`: a transformers causal LM (`embedded` by default), batched generation with left
-  padding.
+- `LocalTeacher`: a transformers causal LM (`embedded` by default) on the continuous-batching
+  engine the server uses. Here stage 1 uses stage 3 (`inference.engine`), so that a local
+  teacher generates as fast as `corral serve` would: a request that finishes early frees its
+  row for the next prompt instead of waiting for its whole batch.
 
 Both take a list of prompts and return one `Completion` (or a failure) per prompt, in order, and
 keep running totals of requests, retries, tokens and cost in `TeacherStats`.
@@ -542,7 +544,7 @@ def _short(exc: Exception) -> str:
 
 
 class LocalTeacher(_CountsUsage):
-    """A transformers causal LM on this machine; prompts are generated `batch_size` at a time."""
+    """A transformers causal LM on this machine; up to `batch_size` prompts generate together."""
 
     def __init__(
         self,
@@ -556,15 +558,17 @@ class LocalTeacher(_CountsUsage):
         import torch
 
         from corral.models import load_model, load_tokenizer, quiet_transformers
+        from inference.engine import GenerationEngine
 
         if api not in ("chat", "completions"):
             raise ValueError(f"api must be 'chat' or 'completions', got {api!r}")
         with quiet_transformers():
-            # Left padding: every prompt of a batch then ends at the same position, where
-            # generation starts.
-            self.tokenizer = load_tokenizer(model, padding_side="left")
+            self.tokenizer = load_tokenizer(model)
             self.model = load_model(model, dtype=torch.float32, tokenizer=self.tokenizer)
         self.model.eval()
+        self.engine = GenerationEngine(
+            self.model, self.tokenizer, max_batch_size=max(1, batch_size)
+        )
         if api == "chat" and not getattr(self.tokenizer, "chat_template", None):
             api = "completions"  # a base model: give it the raw prompt to continue
         self.model_name = model
@@ -592,48 +596,36 @@ class LocalTeacher(_CountsUsage):
     def complete(
         self, prompts: Sequence[str], params: SamplingParams
     ) -> list[Completion | FailedRequest]:
-        results: list[Completion | FailedRequest] = []
-        for start in range(0, len(prompts), self.batch_size):
-            results.extend(self._generate(list(prompts[start : start + self.batch_size]), params))
-        return results
+        from inference.params import SamplingParams as EngineParams
 
-    def _generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
-        import torch
-
-        texts = [self._render(p) for p in prompts]
-        encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        do_sample = params.temperature > 0
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": params.max_tokens,
-            "do_sample": do_sample,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            "eos_token_id": self.tokenizer.eos_token_id,
-            "repetition_penalty": self.repetition_penalty,
-        }
-        if do_sample:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
-        if params.stop:
-            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
-        # A seed per call keeps runs reproducible without correlating successive batches.
-        torch.manual_seed(self.seed + self.stats.requests)
-        with torch.inference_mode():
-            generated = self.model.generate(**encoded, **kwargs)
-        prompt_len = encoded["input_ids"].shape[1]
-        completions = []
-        for row, mask in zip(generated, encoded["attention_mask"], strict=True):
-            new_tokens = row[prompt_len:]
-            ended = bool((new_tokens == self.tokenizer.eos_token_id).any())
-            new_tokens = new_tokens[new_tokens != self.tokenizer.pad_token_id]
-            text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
-            cuts = [i for i in (text.find(stop) for stop in params.stop) if i >= 0]
-            stopped_at_string = bool(cuts)
-            if cuts:
-                text = text[: min(cuts)]
-            n_new = int(new_tokens.numel())
-            finish = "stop" if ended or stopped_at_string or n_new < params.max_tokens else "length"
-            completions.append(Completion(text, finish, int(mask.sum()), n_new))
-            self.stats.prompt_tokens += int(mask.sum())
-            self.stats.completion_tokens += n_new
+        encoded = [
+            self.tokenizer(self._render(p), add_special_tokens=False)["input_ids"] for p in prompts
+        ]
+        eos = self.tokenizer.eos_token_id
+        room = self.engine.context_length
+        # A seed per request keeps runs reproducible without correlating successive prompts.
+        first_seed = self.seed + self.stats.requests
+        per_prompt = [
+            EngineParams(
+                # Within the model's context, as an endpoint would cut the answer short.
+                max_new_tokens=max(1, min(params.max_tokens, room - len(ids))),
+                temperature=params.temperature,
+                top_p=params.top_p if params.temperature > 0 else 1.0,
+                stop=tuple(params.stop),
+                stop_token_ids=() if eos is None else (eos,),
+                seed=first_seed + i,
+                repetition_penalty=self.repetition_penalty,
+            )
+            for i, ids in enumerate(encoded)
+        ]
+        generated = self.engine.generate(encoded, per_prompt)
+        completions: list[Completion | FailedRequest] = []
+        for ids, result in zip(encoded, generated, strict=True):
+            # The engine cuts at the first stop string and drops special tokens, as an endpoint.
+            finish = "length" if result.finish_reason == "length" else "stop"
+            completions.append(Completion(result.text, finish, len(ids), result.completion_tokens))
+            self.stats.prompt_tokens += len(ids)
+            self.stats.completion_tokens += result.completion_tokens
         self.stats.requests += len(prompts)
         self.stats.completions += len(prompts)
         return completions

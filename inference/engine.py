@@ -409,6 +409,7 @@ class GenerationEngine:
             [s.params for s in rows],
             [s.generator or self._random for s in rows],
             [s.generated for s in rows],
+            [s.prompt_ids for s in rows],
         )
         finished: set[int] = set()
         now = time.monotonic()
@@ -581,16 +582,23 @@ def sample_next_tokens(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator],
     histories: Sequence[Sequence[int]] = (),
+    prompts: Sequence[Sequence[int]] = (),
 ) -> list[int]:
     """One token per row: greedy rows take the argmax, the others sample with their own settings.
 
-    `histories` (tokens generated so far per row) feed the presence and frequency penalties.
+    `histories` (tokens generated so far per row) feed the presence and frequency penalties; the
+    repetition penalty also counts the row's prompt (`prompts`), as transformers does.
     """
     tokens = logits.argmax(dim=-1).tolist()
     for row, row_params in enumerate(params):
         row_logits = logits[row]
         if row_params.adjusts_logits:
-            row_logits = _adjust_logits(row_logits, row_params, histories[row] if histories else ())
+            row_logits = _adjust_logits(
+                row_logits,
+                row_params,
+                histories[row] if histories else (),
+                prompts[row] if prompts else (),
+            )
             tokens[row] = int(row_logits.argmax())
         if row_params.greedy:
             continue
@@ -610,10 +618,17 @@ def sample_next_tokens(
 
 
 def _adjust_logits(
-    logits: torch.Tensor, params: SamplingParams, history: Sequence[int]
+    logits: torch.Tensor, params: SamplingParams, history: Sequence[int], prompt: Sequence[int] = ()
 ) -> torch.Tensor:
     logits = logits.clone()
     vocab = logits.shape[0]
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted({*prompt, *history}), dtype=torch.long, device=logits.device)
+        seen = seen[seen < vocab]
+        picked = logits[seen]
+        logits[seen] = torch.where(
+            picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty
+        )
     for token_id, bias in params.logit_bias.items():
         if 0 <= token_id < vocab:
             logits[token_id] += bias

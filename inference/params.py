@@ -21,6 +21,9 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     presence_penalty: float = 0.0  # subtracted once from every token already generated
     frequency_penalty: float = 0.0  # subtracted per earlier occurrence of a token
+    # transformers' repetition penalty (CTRL): a token already in the prompt or the answer has its
+    # logit divided by this when positive, multiplied when negative; 1.0 = off.
+    repetition_penalty: float = 1.0
     # Log-probabilities of the model's own distribution (before temperature and penalties):
     logprobs: int | None = None  # per generated token, with this many most likely alternatives
     prompt_logprobs: int | None = None  # per prompt token (echo), with this many alternatives
@@ -36,6 +39,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be 0 (off) or positive, got {self.top_k}")
         if any(not isinstance(s, str) for s in self.stop):
             raise ValueError("stop sequences must be strings")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be above 0, got {self.repetition_penalty}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_LOGPROBS:
@@ -44,7 +49,10 @@ class SamplingParams:
     @property
     def adjusts_logits(self) -> bool:
         return (
-            bool(self.logit_bias) or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+            bool(self.logit_bias)
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
         )
 
     @property

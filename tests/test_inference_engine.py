@@ -40,7 +40,7 @@ def engine(embedded_model, embedded_tokenizer):
     return GenerationEngine(embedded_model, embedded_tokenizer, max_batch_size=8)
 
 
-def reference_greedy(model, tokenizer, prompt_ids, max_new_tokens):
+def reference_greedy(model, tokenizer, prompt_ids, max_new_tokens, repetition_penalty=1.0):
     with torch.inference_mode():
         out = model.generate(
             torch.tensor([prompt_ids]),
@@ -49,6 +49,7 @@ def reference_greedy(model, tokenizer, prompt_ids, max_new_tokens):
             do_sample=False,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            repetition_penalty=repetition_penalty,
         )
     return out[0, len(prompt_ids) :].tolist()
 
@@ -67,6 +68,22 @@ def test_batched_greedy_matches_transformers_generate(
             [t for t in expected if t != embedded_tokenizer.eos_token_id], skip_special_tokens=True
         )
     assert engine.stats.max_batch_size_seen >= 2
+
+
+def test_repetition_penalty_matches_transformers(
+    engine, prompts, embedded_model, embedded_tokenizer
+):
+    """The local teacher's setting (1.3 here, to change answers visibly): the same tokens as
+    transformers' generate with the same penalty, over prompt and answer alike."""
+    eos = embedded_tokenizer.eos_token_id
+    params = SamplingParams(max_new_tokens=12, stop_token_ids=(eos,), repetition_penalty=1.3)
+    results = engine.generate(prompts, params)
+    changed = 0
+    for prompt, result in zip(prompts, results, strict=True):
+        expected = reference_greedy(embedded_model, embedded_tokenizer, prompt, 12, 1.3)
+        assert result.token_ids == expected
+        changed += expected != reference_greedy(embedded_model, embedded_tokenizer, prompt, 12)
+    assert changed  # the penalty did something on these prompts
 
 
 def test_request_joining_a_running_batch_gets_the_same_tokens(
