@@ -158,6 +158,20 @@ def resolve_model(name: str) -> str:
     return name  # a hub id such as meta-llama/Llama-2-7b-hf; transformers fetches it where it can
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX on x86 Linux).
+
+    Without it, bf16 on a CPU is emulated and slower than fp32; with it, bf16 roughly doubles
+    training and decoding speed here (benchmarks/train_throughput.py --roles corral corral_bf16).
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def default_dtype(device: str | None = None) -> Any:
     """bf16 on GPUs that support it, fp32 elsewhere (CPU, older GPUs)."""
     import torch

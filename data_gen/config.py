@@ -140,6 +140,13 @@ class GenerateConfig:
     repetition_penalty: float = field(
         default=1.0, metadata=_help("local teacher only: transformers repetition penalty")
     )
+    local_dtype: str = field(
+        default="auto",
+        metadata=_help(
+            "local teacher only: auto (bf16 on GPUs and CPUs with native bf16, about twice as "
+            "fast; fp32 elsewhere), float32 or bfloat16"
+        ),
+    )
     requests_per_batch: int = field(
         default=0,
         metadata=_help(
@@ -215,6 +222,10 @@ class GenerateConfig:
             raise ValueError("rouge_threshold must be within [0, 1]")
         if self.concurrency < 1 or self.local_batch_size < 1:
             raise ValueError("concurrency and local_batch_size must be at least 1")
+        if self.local_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(
+                f"local_dtype must be auto, float32 or bfloat16, got {self.local_dtype!r}"
+            )
         if (
             self.num_prompt_instructions < 1
             or self.tasks_per_request <= self.num_prompt_instructions

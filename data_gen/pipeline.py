@@ -93,6 +93,7 @@ def build_teacher(config: GenerateConfig) -> Any:
         batch_size=config.local_batch_size,
         repetition_penalty=config.repetition_penalty,
         seed=config.seed,
+        dtype=config.local_dtype,
     )
 
 

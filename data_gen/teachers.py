@@ -543,6 +543,22 @@ def _short(exc: Exception) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def local_dtype(name: str) -> Any:
+    """The weights' dtype for a local model: `auto` is bf16 where the hardware multiplies bf16
+    natively (a capable GPU, or a CPU with AVX512-BF16/AMX), float32 elsewhere."""
+    import torch
+
+    from corral.models import cpu_has_native_bf16, default_dtype
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return default_dtype("cuda")
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {name!r}")
+    return getattr(torch, name)
+
+
 class LocalTeacher(_CountsUsage):
     """A transformers causal LM on this machine; up to `batch_size` prompts generate together."""
 
@@ -554,17 +570,21 @@ class LocalTeacher(_CountsUsage):
         batch_size: int = 4,
         repetition_penalty: float = 1.0,
         seed: int = 0,
+        dtype: str = "float32",
     ) -> None:
-        import torch
 
-        from corral.models import load_model, load_tokenizer, quiet_transformers
+        from corral.models import (
+            load_model,
+            load_tokenizer,
+            quiet_transformers,
+        )
         from inference.engine import GenerationEngine
 
         if api not in ("chat", "completions"):
             raise ValueError(f"api must be 'chat' or 'completions', got {api!r}")
         with quiet_transformers():
             self.tokenizer = load_tokenizer(model)
-            self.model = load_model(model, dtype=torch.float32, tokenizer=self.tokenizer)
+            self.model = load_model(model, dtype=local_dtype(dtype), tokenizer=self.tokenizer)
         self.model.eval()
         self.engine = GenerationEngine(
             self.model, self.tokenizer, max_batch_size=max(1, batch_size)

@@ -105,3 +105,16 @@ def test_self_instruct_mode_with_the_embedded_teacher(tmp_path, embedded_teacher
     # ... and it chose the instance prompt: output-first for classification, input-first else.
     open_slot = "Class label:" if task["is_classification"] else "Example 1\nInput:"
     assert any(p.endswith(task_line + open_slot) for p, _ in calls)
+
+
+def test_a_local_teacher_uses_bf16_where_the_cpu_has_it_natively():
+    import torch
+
+    from corral.models import cpu_has_native_bf16
+    from data_gen.teachers import local_dtype
+
+    if not torch.cuda.is_available():
+        assert local_dtype("auto") == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert local_dtype("float32") == torch.float32
+    with pytest.raises(ValueError, match="auto, float32 or bfloat16"):
+        local_dtype("fp16")

@@ -17,20 +17,6 @@ from training.config import ADAPTER_METHODS, TrainConfig
 REFERENCE_ADAPTER = "reference"  # dpo with init_adapter: the frozen copy that is the reference
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX on x86 Linux).
-
-    Without it, bf16 on a CPU is emulated and slower than fp32; with it, the LoRA step of
-    benchmarks/train_throughput.py ran 2.1x faster than in fp32 with the same eval loss.
-    """
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def compute_dtype(config: TrainConfig) -> Any:
     """The precision `auto` resolves to: bf16 on GPUs that support it and on CPUs with native
     bf16 (mixed precision: fp32 master weights for what trains), fp32 otherwise."""
@@ -41,6 +27,8 @@ def compute_dtype(config: TrainConfig) -> Any:
     if torch.cuda.is_available():
         bf16_ok = torch.cuda.is_bf16_supported()
     else:
+        from corral.models import cpu_has_native_bf16
+
         bf16_ok = cpu_has_native_bf16()
     if config.precision == "bf16":
         if not bf16_ok and torch.cuda.is_available():
