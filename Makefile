@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.corral-installed
 
-.PHONY: install demo test test-vllm vllm-env test-lm-eval lmeval-env lint format browser clean
+.PHONY: install demo test test-long test-vllm vllm-env test-lm-eval lmeval-env lint format browser clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +33,10 @@ test: install browser
 VLLM_VENV ?= .venv-vllm
 vllm-env:
 	scripts/setup_vllm_env.sh $(VLLM_VENV)
+
+# The long end-to-end runs (DPO and reward smoke runs, GGUF of the embedded model, ...).
+test-long: install
+	$(VENV)/bin/pytest -q -m long
 
 test-vllm: install vllm-env
 	$(VENV)/bin/pytest -q -m vllm

@@ -74,6 +74,7 @@ def _prepare_command(home) -> tuple[list[str], dict]:
     return [sys.executable, "-m", "corral.cli", "model", "prepare"], env
 
 
+@pytest.mark.long
 def test_two_concurrent_prepares_leave_one_valid_folder(tmp_path):
     """Two processes convert at once: both succeed, print the same folder, and it loads."""
     command, env = _prepare_command(tmp_path)

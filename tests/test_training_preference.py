@@ -354,7 +354,7 @@ def test_after_init_adapter_the_reference_is_base_plus_the_frozen_sft_adapter(to
 # ------------------------------------------------------------------------------ smoke runs
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_dpo_smoke_run_raises_reward_accuracy_and_logs_the_metrics(tmp_path):
     from peft import PeftConfig
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -400,7 +400,7 @@ def test_dpo_smoke_run_raises_reward_accuracy_and_logs_the_metrics(tmp_path):
     assert "Reward accuracy" in page and "eval reward accuracy" in page and "Margin" in page
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_reward_model_smoke_run_reports_heldout_accuracy_and_ranks_its_pairs(tmp_path):
     from corral.rundir import read_run_info
     from training.data import split_validation
@@ -502,7 +502,7 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in found if (p / "trainer_state.json").exists())
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_dpo_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path, slow_sft_run):
     from training.loop import train
 

@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from corral.errors import CorralError
+from corral.errors import CorralError, UsageError
 
 TRAIN_DESCRIPTION = (
     "Fine-tune a model on Alpaca JSON/JSONL with LoRA, QLoRA or full weights. Runs the same "
@@ -59,9 +59,21 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from training.export import merge_run
+    if args.gguf is None:
+        if args.merge is None:
+            raise UsageError("give --merge OUT, --gguf OUT.gguf, or both")
+        from training.export import merge_run
 
-    out = merge_run(args.run, args.merge, dtype=args.dtype)
+        print(merge_run(args.run, args.merge, dtype=args.dtype))
+        return 0
+    from training.gguf import MODELFILE_NAME, export_gguf
+
+    out = export_gguf(
+        args.run, args.gguf, gguf_type=args.gguf_type, merge_dir=args.merge, dtype=args.dtype
+    )
+    if args.merge is not None:
+        print(args.merge)
+    print(out.parent / MODELFILE_NAME)
     print(out)
     return 0
 
@@ -79,14 +91,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     export = subparsers.add_parser(
         "export",
-        help="merge a run's adapter into its base and save a plain HF model",
+        help="merge a run's adapter into its base: a plain HF model, a GGUF file, or both",
         description="Merge the LoRA/QLoRA adapter of run directory RUN into its base model (loaded "
         "unquantized in 16/32-bit, also for QLoRA) and save a plain transformers model with the "
         "run's tokenizer and record (run_info.json: template and markers) to OUT; every corral "
-        "command then prompts it as it was trained.",
+        "command then prompts it as it was trained. --gguf writes the merged model as one GGUF "
+        "file for llama.cpp and Ollama (the run's chat template in its metadata) and an Ollama "
+        "Modelfile beside it; RUN may also be a merged export or a full fine-tune there.",
     )
-    export.add_argument("run", metavar="RUN", help="a training run directory")
-    export.add_argument("--merge", metavar="OUT", required=True, help="folder for the merged model")
+    export.add_argument(
+        "run", metavar="RUN", help="a training run directory (or, for --gguf, a model folder)"
+    )
+    export.add_argument("--merge", metavar="OUT", help="folder for the merged model")
+    export.add_argument(
+        "--gguf",
+        metavar="OUT.gguf",
+        help="GGUF file for llama.cpp/Ollama; a Modelfile is written beside it",
+    )
+    export.add_argument(
+        "--gguf-type",
+        choices=("f32", "f16", "q8_0"),
+        default="f16",
+        help="GGUF weight type (default f16; norms stay f32)",
+    )
     export.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
