@@ -97,11 +97,24 @@ def extract_response(
 
 
 def cut_at_stop_strings(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """`text` up to the earliest of the `stop` strings, and whether one was found."""
-    positions = [p for p in (text.find(s) for s in stop if s) if p >= 0]
-    if not positions:
+    """`text` before the first stop string to be completed, and whether one was.
+
+    "First completed" (the earliest end, the longer stop on a tie), not "first to start": a
+    generation stops as soon as a stop string is complete, so with stops `a` and `XaX` the text
+    `XaX` stops at `a`, however the text arrived (whole, or a character at a time).
+    """
+    best: tuple[int, int] | None = None  # (end, start) of the stop that completes first
+    for s in stop:
+        if not s:
+            continue
+        start = text.find(s)
+        if start >= 0:
+            candidate = (start + len(s), start)
+            if best is None or candidate < best:
+                best = candidate
+    if best is None:
         return text, False
-    return text[: min(positions)], True
+    return text[: best[1]], True
 
 
 class IncrementalDetokenizer:

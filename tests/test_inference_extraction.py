@@ -237,3 +237,14 @@ def test_real_tokenizer_alpaca_end_marker_is_one_special_token(real_tokenizer):
     )
     result = extract_response(answer_ids + end_ids + after, _real_decode(real_tokenizer), markers)
     assert result.text == "Paris is the capital."
+
+
+def test_overlapping_stops_cut_at_the_first_one_completed_however_the_text_arrives():
+    """Found by the property test: stops `a` and `XaX` on `XaX` arriving as `Xa`, `X`."""
+    assert cut_at_stop_strings("XaX", ["a", "XaX"]) == ("X", True)
+    assert cut_at_stop_strings("zXaXz", ["XaXz", "aX"]) == ("zX", True)
+    assert cut_at_stop_strings("zXaXz", ["XaX", "aX"]) == ("z", True)
+    assert cut_at_stop_strings("abc", ["bc", "abc"]) == ("", True)  # same end: the longer one
+    for deltas in (["XaX"], ["Xa", "X"], ["X", "a", "X"]):
+        matcher = StopStringMatcher(["a", "XaX"])
+        assert "".join(matcher.push(d) for d in deltas) == "X" and matcher.stopped
