@@ -7,6 +7,14 @@
    seen `### End`, the tuned one has learned it;
 4. write an HTML report of the data and the run.
 
+With `--stage2`, the step DeepSpeed-Chat and Zephyr take after supervised tuning:
+5. DPO from the tuned run's adapter (the reference policy is that adapter, frozen) on preference
+   pairs: the 40 hand-written pairs of `configs/training/smoke_preferences.jsonl`, because a 135M
+   judge picks by position and keeps almost no pair consistent in both orders (with a real judge,
+   `corral generate --mode preferences` makes them from your data);
+6. answer the held-out instructions with the SFT and the DPO run, judge every pair in both orders,
+   and print the win rate of DPO over SFT with the DPO run's held-out reward accuracy.
+
 Every step resumes: run it again and finished steps are reused (generation continues its
 journal, training its last checkpoint).
 """
@@ -36,6 +44,11 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
     parser.add_argument(
         "--fresh", action="store_true", help="start over instead of reusing earlier results"
+    )
+    parser.add_argument(
+        "--stage2",
+        action="store_true",
+        help="then DPO from the tuned run on preference pairs, and its win rate over it",
     )
 
 
@@ -102,6 +115,71 @@ def compare_step(run_dir: Path, max_new_tokens: int) -> dict[str, list]:
     return answers
 
 
+def dpo_step(out: Path, sft_run: Path, fresh: bool) -> Path:
+    from corral.config import load_config
+    from training.config import TrainConfig
+    from training.loop import train
+
+    run_dir = out / "run_dpo"
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    preset = Path(__file__).resolve().parents[1] / "configs" / "training" / "dpo_smoke.yaml"
+    overrides = [
+        f"init_adapter={sft_run}",
+        f"template={DEMO_TEMPLATE}",  # the policy is asked as the SFT run learned
+        f"output_dir={run_dir}",
+        "max_steps=8",
+        "eval_steps=8",
+        "save_steps=8",
+        "report_to=[none]",
+        "resume=auto",
+    ]
+    return Path(train(load_config(TrainConfig, preset, overrides)))
+
+
+def win_rate_step(sft_run: Path, dpo_run: Path, max_new_tokens: int) -> dict[str, float]:
+    import json
+
+    from data_gen.judges import LocalJudge, combine_orders, judge_prompt
+    from inference.generation import answer_instructions
+
+    sft = answer_instructions(sft_run, HELD_OUT_INSTRUCTIONS, max_new_tokens=max_new_tokens)
+    dpo = answer_instructions(dpo_run, HELD_OUT_INSTRUCTIONS, max_new_tokens=max_new_tokens)
+    judge = LocalJudge("embedded")
+    try:
+        prompts = [
+            judge_prompt(i, "", s.text, d.text)
+            for i, s, d in zip(HELD_OUT_INSTRUCTIONS, sft, dpo, strict=True)
+        ]
+        prompts += [
+            judge_prompt(i, "", d.text, s.text)
+            for i, s, d in zip(HELD_OUT_INSTRUCTIONS, sft, dpo, strict=True)
+        ]
+        verdicts = judge.judge(prompts)
+    finally:
+        judge.close()
+    n = len(HELD_OUT_INSTRUCTIONS)
+    outcomes = [combine_orders(a, b) for a, b in zip(verdicts[:n], verdicts[n:], strict=True)]
+    for instruction, s, d, outcome in zip(HELD_OUT_INSTRUCTIONS, sft, dpo, outcomes, strict=True):
+        print(f"\n### {instruction}  [judge: {'dpo' if outcome == 'tuned' else outcome}]")
+        for role, answer in (("sft", s), ("dpo", d)):
+            text = " ".join(answer.text.split())
+            print(f"  {role:>5}: {text[:160]}{'…' if len(text) > 160 else ''}")
+    rates = {"dpo": outcomes.count("tuned") / n, "sft": outcomes.count("base") / n}
+    rates["tie"] = outcomes.count("tie") / n
+    summary = json.loads((dpo_run / "train_summary.json").read_text())
+    accuracy = summary.get("eval_metrics", {}).get("rewards/accuracies")
+    print(
+        f"\nWin rate of DPO over SFT (embedded judge, both orders): DPO {rates['dpo']:.0%}, SFT "
+        f"{rates['sft']:.0%}, ties {rates['tie']:.0%}. A 135M judge mostly names the same letter "
+        "in both orders, which counts as a tie: judge with a stronger model (corral eval "
+        "--judge-base-url) for a verdict."
+    )
+    if accuracy is not None:
+        print(f"DPO's held-out reward accuracy (chosen ranked above rejected): {accuracy:.0%}")
+    return rates
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from corral.models import resolve_model
     from evaluation.report import write_report
@@ -110,7 +188,8 @@ def run_demo(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     print(f"Corral demo: the embedded model ({resolve_model('embedded')}) end to end.")
 
-    steps = _Steps(4)
+    stage2 = getattr(args, "stage2", False)
+    steps = _Steps(6 if stage2 else 4)
     steps.begin(f"generate {args.num_instructions} instructions with the embedded teacher")
     data, manifest = generate_step(out, args.num_instructions, args.fresh)
 
@@ -125,6 +204,12 @@ def run_demo(args: argparse.Namespace) -> int:
 
     seeds = GenerateConfig().seed_tasks_path()
     report = write_report([data, run_dir], out / "report.html", seed_tasks=seeds)
+    dpo_run = None
+    if stage2:
+        steps.begin("DPO from the tuned run's adapter on preference pairs (stage 2)")
+        dpo_run = dpo_step(out, run_dir, args.fresh)
+        steps.begin("answer held-out instructions: SFT vs DPO, judged in both orders")
+        win_rate_step(run_dir, dpo_run, args.max_new_tokens)
 
     steps.end()
     timing = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in steps.times.items())
@@ -135,6 +220,7 @@ def run_demo(args: argparse.Namespace) -> int:
         ("run (adapter)", run_dir),
         ("metrics", run_dir / "metrics.jsonl"),
         ("report", report),
+        *((("run (DPO)", dpo_run),) if dpo_run else ()),
     ):
         print(f"  {label:<14} {path}")
     print(
