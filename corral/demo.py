@@ -61,7 +61,10 @@ class _Steps:
     def begin(self, text: str) -> None:
         self.end()
         self.number += 1
-        self.name, self.started = text.split(" ")[0], time.monotonic()
+        name = text.split(" ")[0]
+        # A later step of the same verb (stage 2 answers again) is named by its number too.
+        self.name = name if name not in self.times else f"{name} ({self.number})"
+        self.started = time.monotonic()
         print(f"\n=== [{self.number}/{self.total}] {text}", flush=True)
 
     def end(self) -> None:

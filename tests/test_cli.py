@@ -53,12 +53,13 @@ def test_unknown_model_folder_is_one_line_exit_2(capsys):
 def test_the_demo_prints_each_steps_time(capsys):
     from corral.demo import _Steps
 
-    steps = _Steps(2)
+    steps = _Steps(3)
     steps.begin("generate 4 instructions")
     steps.begin("train a LoRA")
+    steps.begin("generate again")
     steps.end()
     steps.end()  # a second end adds nothing
     out = capsys.readouterr().out
-    assert "=== [1/2] generate 4 instructions" in out and "=== [2/2] train a LoRA" in out
-    assert out.count("took") == 2 and "--- step 2 took" in out
-    assert list(steps.times) == ["generate", "train"]
+    assert "=== [1/3] generate 4 instructions" in out and "=== [2/3] train a LoRA" in out
+    assert out.count("took") == 3 and "--- step 3 took" in out
+    assert list(steps.times) == ["generate", "train", "generate (3)"]
