@@ -111,20 +111,9 @@ def write_run_info_for(run: Path, base_path: Path, template: str, method: str = 
 def lora_run(tmp_path_factory, tiny_model_path) -> Path:
     """A Dolly-template LoRA run directory on tiny-random, built with peft directly: its adapter
     weights are random, not zero, so it answers differently from its base."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from corral.models import load_model, load_tokenizer
+    from model_runs import random_lora_run
 
     run = tmp_path_factory.mktemp("runs") / "dolly-lora"
-    tokenizer = load_tokenizer("tiny-random")
-    base = load_model("tiny-random", dtype=torch.float32, tokenizer=tokenizer)
-    torch.manual_seed(0)
-    config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-    )
-    get_peft_model(base, config).save_pretrained(run)
-    tokenizer.save_pretrained(run)
-    write_run_info_for(run, tiny_model_path, "dolly")
+    random_lora_run(run, "tiny-random", tiny_model_path, template="dolly", max_length=128)
     (run / "corral_config.yaml").write_text("model: tiny-random\n")
     return run

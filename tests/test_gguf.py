@@ -66,38 +66,21 @@ def load_folder(folder: Path):
 def embedded_export(tmp_path_factory, embedded_model_path) -> tuple[Path, Path]:
     """An Alpaca-format LoRA run on the embedded model (random, small adapter weights, so the
     merge changes every attention projection), exported with --merge and --gguf (f32) at once."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+    from model_runs import random_lora_run
 
-    from corral.models import load_model, load_tokenizer
-    from corral.rundir import run_info_for_training, write_run_info
-    from corral.templates import get_template
     from training.gguf import export_gguf
 
     root = tmp_path_factory.mktemp("gguf-embedded")
     run = root / "runs" / "alpaca-lora"
-    tokenizer = load_tokenizer("embedded")
-    base = load_model("embedded", dtype=torch.float32, tokenizer=tokenizer)
-    torch.manual_seed(0)
-    config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False
+    # A nudge, not noise (LoRA B scaled down): answers stay answers.
+    random_lora_run(
+        run,
+        "embedded",
+        embedded_model_path,
+        template="alpaca",
+        targets=("q_proj", "k_proj", "v_proj"),
+        lora_b_scale=0.05,
     )
-    peft_model = get_peft_model(base, config)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:
-                parameter.mul_(0.05)  # a nudge, not noise: answers stay answers
-    peft_model.save_pretrained(run)
-    tokenizer.save_pretrained(run)
-    info = run_info_for_training(
-        base_model="embedded",
-        base_model_path=str(embedded_model_path),
-        method="lora",
-        template=get_template("alpaca", tokenizer),
-        max_length=256,
-        corral_version="0.1.0",
-    )
-    write_run_info(run, info)
     merged = root / "models" / "merged"
     out = export_gguf(run, root / "models" / "mine.gguf", gguf_type="f32", merge_dir=merged)
     return merged, out

@@ -248,32 +248,10 @@ def test_local_chat_completions_through_corral_serve_equal_lm_eval_hf(
 @pytest.fixture(scope="module")
 def random_adapter_run(tmp_path_factory, embedded_model_path) -> Path:
     """An adapter run directory on the embedded model whose LoRA weights are random (not zero)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from corral.models import load_model, load_tokenizer
-    from corral.rundir import run_info_for_training, write_run_info
-    from corral.templates import get_template
+    from model_runs import random_lora_run
 
     run = tmp_path_factory.mktemp("runs") / "random-lora"
-    tokenizer = load_tokenizer("embedded")
-    base = load_model("embedded", dtype=torch.float32, tokenizer=tokenizer)
-    torch.manual_seed(0)
-    config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-    )
-    get_peft_model(base, config).save_pretrained(run)
-    tokenizer.save_pretrained(run)
-    info = run_info_for_training(
-        base_model="embedded",
-        base_model_path=str(embedded_model_path),
-        method="lora",
-        template=get_template("alpaca", tokenizer),
-        max_length=256,
-        corral_version="0.1.0",
-    )
-    write_run_info(run, info)
-    return run
+    return random_lora_run(run, "embedded", embedded_model_path, template="alpaca")
 
 
 def test_corral_eval_runs_harness_tasks_on_the_base_and_the_adapter_run(
