@@ -14,9 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from corral.errors import RecordError
 from corral.templates import PromptTemplate, chat_conversation_segments
-from training.data import IGNORE_INDEX, TokenizationReport, TokenizedExample
+from training.data import IGNORE_INDEX, TokenizationReport, TokenizedExample, tokenize_each
 
 
 def conversation_pieces(
@@ -82,31 +81,19 @@ def tokenize_conversations(
     source: str = "data",
 ) -> tuple[list[TokenizedExample], TokenizationReport]:
     """Tokenize every conversation; raise RecordError when none fits `max_length`."""
-    report = TokenizationReport(total=len(conversations))
-    examples: list[TokenizedExample] = []
-    for index, conversation in enumerate(conversations):
-        example, status = tokenize_conversation(
+    return tokenize_each(
+        conversations,
+        lambda conversation, index: tokenize_conversation(
             conversation["messages"],
             index,
             tokenizer,
             template,
             max_length=max_length,
             truncation=truncation,
-        )
-        if example is None:
-            report.dropped_too_long += 1
-            report.dropped_indices.append(index)
-            continue
-        report.kept += 1
-        report.truncated += status == "truncated"
-        report.longest = max(report.longest, len(example))
-        examples.append(example)
-    if conversations and not examples:
-        raise RecordError(
-            source,
-            f"every conversation is longer than max_length={max_length} tokens with truncation="
-            f"{truncation}; raise max_length or set truncation=truncate",
-            index=0,
-            field="messages",
-        )
-    return examples, report
+        ),
+        unit="conversation",
+        field_name="messages",
+        max_length=max_length,
+        truncation=truncation,
+        source=source,
+    )

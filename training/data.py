@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,42 @@ def tokenize_record(
     return TokenizedExample(input_ids=input_ids, labels=labels, index=index), status
 
 
+def tokenize_each(
+    items: Sequence[Any],
+    tokenize_one: Callable[[Any, int], tuple[Any, str]],
+    *,
+    unit: str,
+    field_name: str,
+    max_length: int,
+    truncation: str,
+    source: str,
+    length: Callable[[Any], int] = len,
+) -> tuple[list[Any], TokenizationReport]:
+    """Tokenize every item with `tokenize_one(item, index) -> (result or None, status)`, counting
+    what was kept, truncated and dropped; raise RecordError (naming `field_name`) when none fits."""
+    report = TokenizationReport(total=len(items))
+    results: list[Any] = []
+    for index, item in enumerate(items):
+        result, status = tokenize_one(item, index)
+        if result is None:
+            report.dropped_too_long += 1
+            report.dropped_indices.append(index)
+            continue
+        report.kept += 1
+        report.truncated += status == "truncated"
+        report.longest = max(report.longest, length(result))
+        results.append(result)
+    if items and not results:
+        raise RecordError(
+            source,
+            f"every {unit} is longer than max_length={max_length} tokens with truncation="
+            f"{truncation}; raise max_length or set truncation=truncate",
+            index=0,
+            field=field_name,
+        )
+    return results, report
+
+
 def tokenize_records(
     records: Sequence[dict[str, Any]],
     tokenizer: Any,
@@ -124,10 +160,9 @@ def tokenize_records(
     source: str = "data",
 ) -> tuple[list[TokenizedExample], TokenizationReport]:
     """Tokenize every record; raise RecordError when none fits `max_length`."""
-    report = TokenizationReport(total=len(records))
-    examples: list[TokenizedExample] = []
-    for index, record in enumerate(records):
-        example, status = tokenize_record(
+    return tokenize_each(
+        records,
+        lambda record, index: tokenize_record(
             record,
             index,
             tokenizer,
@@ -135,24 +170,13 @@ def tokenize_records(
             max_length=max_length,
             truncation=truncation,
             train_on_inputs=train_on_inputs,
-        )
-        if example is None:
-            report.dropped_too_long += 1
-            report.dropped_indices.append(index)
-            continue
-        report.kept += 1
-        report.truncated += status == "truncated"
-        report.longest = max(report.longest, len(example))
-        examples.append(example)
-    if records and not examples:
-        raise RecordError(
-            source,
-            f"every example is longer than max_length={max_length} tokens with truncation="
-            f"{truncation}; raise max_length or set truncation=truncate",
-            index=0,
-            field="output",
-        )
-    return examples, report
+        ),
+        unit="example",
+        field_name="output",
+        max_length=max_length,
+        truncation=truncation,
+        source=source,
+    )
 
 
 # ---------------------------------------------------------------- reading records

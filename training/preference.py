@@ -54,6 +54,7 @@ from training.data import (
     encode_completion,
     mask_prompt_tokens,
     split_validation,
+    tokenize_each,
 )
 
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
@@ -184,29 +185,18 @@ def tokenize_pairs(
     source: str = "data",
 ) -> tuple[list[PreferencePair], TokenizationReport]:
     """Tokenize every pair; raise RecordError when none fits `max_length`."""
-    report = TokenizationReport(total=len(records))
-    pairs: list[PreferencePair] = []
-    for index, record in enumerate(records):
-        pair, status = tokenize_pair(
+    return tokenize_each(
+        records,
+        lambda record, index: tokenize_pair(
             record, index, tokenizer, template, max_length=max_length, truncation=truncation
-        )
-        if pair is None:
-            report.dropped_too_long += 1
-            report.dropped_indices.append(index)
-            continue
-        report.kept += 1
-        report.truncated += status == "truncated"
-        report.longest = max(report.longest, len(pair.chosen), len(pair.rejected))
-        pairs.append(pair)
-    if records and not pairs:
-        raise RecordError(
-            source,
-            f"every pair is longer than max_length={max_length} tokens with truncation="
-            f"{truncation}; raise max_length or set truncation=truncate",
-            index=0,
-            field="chosen",
-        )
-    return pairs, report
+        ),
+        unit="pair",
+        field_name="chosen",
+        max_length=max_length,
+        truncation=truncation,
+        source=source,
+        length=lambda pair: max(len(pair.chosen), len(pair.rejected)),
+    )
 
 
 def prepare_pairs(config: Any, tokenizer: Any, template: PromptTemplate) -> tuple[list, list, Any]:
