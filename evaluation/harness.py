@@ -55,9 +55,7 @@ def model_args(model: str) -> tuple[str, str]:
     if has_run_info(model):
         info = read_run_info(model)
         if info.kind == "adapter":
-            base = info.base_model_path or resolve_model(info.base_model)
-            if not Path(base).exists():
-                base = resolve_model(info.base_model)
+            base = resolve_model(info.base_model_location())
             folder = Path(model).resolve()
             return (
                 f"pretrained={base},peft={folder},tokenizer={folder}",
@@ -153,15 +151,24 @@ def run_harness(
     return section
 
 
+def harness_rows(section: dict[str, Any]) -> list[tuple[str, str, list[float | None]]]:
+    """(task, metric, one value per model or None) for every task and metric of the first model,
+    in order: the rows of the printed table and of the report's."""
+    models = list(section["models"].values())
+    first = models[0].get("results", {})
+    return [
+        (task, metric, [m.get("results", {}).get(task, {}).get(metric) for m in models])
+        for task in sorted(first)
+        for metric in sorted(first[task])
+    ]
+
+
 def format_harness_table(section: dict[str, Any]) -> str:
     """One row per task and metric, one column per model."""
     roles = list(section["models"])
     header = f"{'lm-eval task':<24} {'metric':<16}" + "".join(f" {r:>10}" for r in roles)
     lines = [header]
-    first = section["models"][roles[0]]["results"]
-    for task in sorted(first):
-        for metric in sorted(first[task]):
-            values = [section["models"][r]["results"].get(task, {}).get(metric) for r in roles]
-            cells = "".join(f" {'-' if v is None else f'{v:.4f}':>10}" for v in values)
-            lines.append(f"{task:<24} {metric:<16}{cells}")
+    for task, metric, values in harness_rows(section):
+        cells = "".join(f" {'-' if v is None else f'{v:.4f}':>10}" for v in values)
+        lines.append(f"{task:<24} {metric:<16}{cells}")
     return "\n".join(lines)

@@ -259,20 +259,17 @@ def eval_section(path: Path, result: dict[str, Any]) -> str:
 
 def harness_table(section: dict[str, Any]) -> str:
     """lm-evaluation-harness results: one row per task and metric, one column per model."""
+    from evaluation.harness import harness_rows
+
     roles = list(section["models"])
     rows = []
-    first = section["models"][roles[0]].get("results", {})
-    for task in sorted(first):
-        for metric in sorted(first[task]):
-            cells = []
-            for role in roles:
-                value = section["models"][role].get("results", {}).get(task, {}).get(metric)
-                cells.append("-" if value is None else f"{float(value):.4f}")
-            rows.append(
-                f"<tr><td>{escape(task)}</td><td>{escape(metric)}</td>"
-                + "".join(f"<td>{c}</td>" for c in cells)
-                + "</tr>"
-            )
+    for task, metric, values in harness_rows(section):
+        cells = ["-" if value is None else f"{float(value):.4f}" for value in values]
+        rows.append(
+            f"<tr><td>{escape(task)}</td><td>{escape(metric)}</td>"
+            + "".join(f"<td>{c}</td>" for c in cells)
+            + "</tr>"
+        )
     head = "".join(f"<th>{escape(role)}</th>" for role in roles)
     return (
         "<table><caption>lm-evaluation-harness</caption>"
