@@ -172,6 +172,16 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def bf16_is_native() -> bool:
+    """Whether this machine's compute device multiplies bf16 in hardware: the GPU when there is
+    one (and it supports bf16), else the CPU (`cpu_has_native_bf16`)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_native_bf16()
+
+
 def default_dtype(device: str | None = None) -> Any:
     """bf16 on GPUs that support it, fp32 elsewhere (CPU, older GPUs)."""
     import torch

@@ -548,12 +548,10 @@ def local_dtype(name: str) -> Any:
     natively (a capable GPU, or a CPU with AVX512-BF16/AMX), float32 elsewhere."""
     import torch
 
-    from corral.models import cpu_has_native_bf16, default_dtype
+    from corral.models import bf16_is_native
 
     if name == "auto":
-        if torch.cuda.is_available():
-            return default_dtype("cuda")
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        return torch.bfloat16 if bf16_is_native() else torch.float32
     if name not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be auto, float32 or bfloat16, got {name!r}")
     return getattr(torch, name)

@@ -24,12 +24,9 @@ def compute_dtype(config: TrainConfig) -> Any:
 
     if config.precision == "fp32":
         return torch.float32
-    if torch.cuda.is_available():
-        bf16_ok = torch.cuda.is_bf16_supported()
-    else:
-        from corral.models import cpu_has_native_bf16
+    from corral.models import bf16_is_native
 
-        bf16_ok = cpu_has_native_bf16()
+    bf16_ok = bf16_is_native()
     if config.precision == "bf16":
         if not bf16_ok and torch.cuda.is_available():
             raise ValueError(
