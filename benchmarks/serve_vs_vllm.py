@@ -5,10 +5,10 @@ answers streamed chat requests from the official `openai` client at 1, 8 and 32 
 streams; every request generates exactly `--max-tokens` tokens (EOS suppressed with a logit bias,
 which both servers honour), so both do the same work. Each setting is measured `--repeats` times
 and the best kept. Both run with their own default CPU layout: vLLM puts the model on one core and
-its API server on the other; Corral's engine uses torch's threads beside its event loop. Prints
-JSON: aggregate generated tokens/s and median time to first token per server and load, and
-Corral's ratio to vLLM. Needs .venv-vllm (`make vllm-env`); without it, vLLM is skipped with the
-reason.
+its API server on the other; Corral decodes on one thread fewer than torch has and prefills on all
+of them, beside its event loop. Prints JSON: aggregate generated tokens/s and median time to first
+token per server and load, and Corral's ratio to vLLM. Needs .venv-vllm (`make vllm-env`);
+without it, vLLM is skipped with the reason.
 
     .venv/bin/python benchmarks/serve_vs_vllm.py [--max-tokens 64] [--streams 1 8 32] [--repeats 2]
         [--dtype float32|bfloat16]

@@ -584,8 +584,9 @@ class LocalTeacher(_CountsUsage):
             self.tokenizer = load_tokenizer(model)
             self.model = load_model(model, dtype=local_dtype(dtype), tokenizer=self.tokenizer)
         self.model.eval()
+        # The teacher owns its model, so the engine may pack its weights (faster on a CPU).
         self.engine = GenerationEngine(
-            self.model, self.tokenizer, max_batch_size=max(1, batch_size)
+            self.model, self.tokenizer, max_batch_size=max(1, batch_size), pack_weights=True
         )
         if api == "chat" and not getattr(self.tokenizer, "chat_template", None):
             api = "completions"  # a base model: give it the raw prompt to continue

@@ -31,6 +31,12 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from inference.decode_step import (
+    DecodeStep,
+    pack_linear_weights,
+    packing_unavailable_reason,
+    unsupported_reason,
+)
 from inference.extraction import IncrementalDetokenizer, StopStringMatcher
 from inference.params import SamplingParams
 
@@ -126,11 +132,20 @@ class GenerationEngine:
         max_batch_size: int = 16,
         context_length: int | None = None,
         max_prefill_tokens: int = 4096,
+        fast_path: bool = True,
+        pack_weights: bool = False,
+        decode_threads: int | None = None,
+        prefill_threads: int | None = None,
     ) -> None:
         self.model = model
         # Bounds one prefill pass (padded prompt tokens), so a burst of long prompts is admitted
         # over several steps instead of in one pass that could exhaust memory.
         self.max_prefill_tokens = max_prefill_tokens
+        # CPU threads for each kind of step (None: leave torch's setting). A server decodes on one
+        # core fewer than it has, so its event loop never pre-empts a thread of a decode step's
+        # matrix multiplies (they wait for their slowest thread); prefills, during which the
+        # clients mostly wait, take every core.
+        self.decode_threads, self.prefill_threads = decode_threads, prefill_threads
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.context_length = context_length or context_length_of(model, tokenizer)
@@ -140,6 +155,16 @@ class GenerationEngine:
             raise ValueError(
                 "this model uses sliding-window attention, which the batching engine does not support"
             )
+        # LLaMA-family models get Corral's own decode step (decode_step.py); others run
+        # transformers' forward. `pack_weights` (for a model the engine owns: it changes the
+        # model in place) also puts their linear weights in oneDNN's packed layout on a CPU.
+        self.fast_path_unavailable = unsupported_reason(model) if fast_path else "turned off"
+        self._decode_fast = DecodeStep(model) if self.fast_path_unavailable is None else None
+        self.packing_unavailable = (
+            packing_unavailable_reason(model) if pack_weights else "not asked for"
+        )
+        if self.packing_unavailable is None:
+            pack_linear_weights(model, rows_hint=max_batch_size)
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._waiting: collections.deque[_Sequence] = collections.deque()
@@ -279,6 +304,7 @@ class GenerationEngine:
         self._drop_cancelled_active()
         with torch.inference_mode():
             if admitted:
+                _use_threads(self.prefill_threads)
                 try:
                     self._prefill(admitted)
                 except Exception as exc:
@@ -288,6 +314,7 @@ class GenerationEngine:
                             self._finish(sequence, "error", error=f"{type(exc).__name__}: {exc}")
                     raise
             elif self._active:
+                _use_threads(self.decode_threads)
                 self._decode_step()
         with self._condition:
             return bool(self._waiting or self._active)
@@ -351,19 +378,23 @@ class GenerationEngine:
         positions = torch.tensor([[s.length - 1] for s in self._active], device=self.device)
         ones = torch.ones((len(self._active), 1), dtype=self._mask.dtype, device=self.device)
         self._mask = torch.cat([self._mask, ones], dim=1)
-        output = self.model(
-            input_ids=last,
-            attention_mask=self._mask,
-            position_ids=positions,
-            past_key_values=self._cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self._cache = output.past_key_values
+        if self._decode_fast is not None:
+            logits = self._decode_fast.step(last, positions, self._mask, self._cache)
+        else:
+            output = self.model(
+                input_ids=last,
+                attention_mask=self._mask,
+                position_ids=positions,
+                past_key_values=self._cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            self._cache = output.past_key_values
+            logits = output.logits[:, -1, :]
         self.stats.forward_passes += 1
         self.stats.decode_steps += 1
         self.stats.max_batch_size_seen = max(self.stats.max_batch_size_seen, len(self._active))
-        self._advance(output.logits[:, -1, :], first_row=0)
+        self._advance(logits, first_row=0)
 
     def _merge(self, sequences: list[_Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
         """Append freshly prefilled rows to the running batch, left-padding whichever is shorter."""
@@ -536,6 +567,11 @@ class _SlabLayer(DynamicLayer):
         self.keys = self._key_slab[..., :end, :]
         self.values = self._value_slab[..., :end, :]
         return self.keys, self.values
+
+
+def _use_threads(count: int | None) -> None:
+    if count is not None and torch.get_num_threads() != count:
+        torch.set_num_threads(count)
 
 
 def _slab_cache(config: Any, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:

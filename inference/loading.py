@@ -35,6 +35,9 @@ class LoadedModel:
     source: str  # "model" | "run"
     context_length: int
     run_info: RunInfo | None = None  # for folders Corral made: runs and merged exports
+    # Whether engines may change the model in place (packed CPU weights); False for a model that
+    # other code still uses as a transformers model.
+    owns_model: bool = True
 
     @property
     def markers(self) -> ResponseMarkers:
@@ -57,8 +60,12 @@ class LoadedModel:
     def decode_keeping_special(self, ids: Any) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
-    def make_engine(self, max_batch_size: int) -> Any:
-        """A batching engine (`inference.engine.GenerationEngine`) over this model."""
+    def make_engine(self, max_batch_size: int, **engine_options: Any) -> Any:
+        """A batching engine (`inference.engine.GenerationEngine`) over this model.
+
+        When `owns_model`, the engine packs the linear weights for oneDNN in place on a CPU
+        (`inference.decode_step.pack_linear_weights`).
+        """
         from inference.engine import GenerationEngine
 
         return GenerationEngine(
@@ -66,6 +73,8 @@ class LoadedModel:
             self.tokenizer,
             max_batch_size=max_batch_size,
             context_length=self.context_length,
+            pack_weights=self.owns_model,
+            **engine_options,
         )
 
 

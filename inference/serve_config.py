@@ -43,6 +43,13 @@ class ServeConfig:
     default_max_tokens: int = field(
         default=256, metadata={"help": "chat answer length when a request sets no max_tokens"}
     )
+    threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "CPU threads for decode steps (default: all of torch's but one, which the "
+            "HTTP server keeps; prompts are prefilled on all)"
+        },
+    )
     max_request_bytes: int = field(
         default=1_000_000, metadata={"help": "larger request bodies get 413"}
     )
@@ -56,5 +63,7 @@ class ServeConfig:
             )
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("threads must be at least 1")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be between 0 and 65535, got {self.port}")

@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -794,9 +795,21 @@ def build_server(
     max_batch_size: int = 16,
     default_max_tokens: int = 256,
     max_request_bytes: int = 1_000_000,
+    threads: int | None = None,
+    cores: int | None = None,
 ) -> FastAPI:
-    """An app serving `loaded`; start it with uvicorn (the engine starts with the app)."""
-    engine = loaded.make_engine(max_batch_size)
+    """An app serving `loaded`; start it with uvicorn (the engine starts with the app).
+
+    On a CPU, decode steps run on `threads` threads (default: one fewer than `cores`, torch's
+    thread count unless given, leaving a core to the event loop) and prefills on `cores`; see
+    `GenerationEngine`.
+    """
+    engine_options: dict[str, Any] = {}
+    if next(loaded.model.parameters()).device.type == "cpu":
+        cores = cores or torch.get_num_threads()
+        engine_options["decode_threads"] = threads or max(1, cores - 1)
+        engine_options["prefill_threads"] = max(cores, engine_options["decode_threads"])
+    engine = loaded.make_engine(max_batch_size, **engine_options)
     server = OpenAIServer(
         loaded,
         engine,

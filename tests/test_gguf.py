@@ -136,6 +136,7 @@ def test_greedy_answers_from_the_gguf_equal_corral_infer(
         name="gguf",
         source="model",
         context_length=512,
+        owns_model=False,  # the fixture's model, shared with the other tests here
     )
     from_gguf = answer_instructions(gguf_path, QUESTIONS, max_new_tokens=16, loaded=loaded)
     from_folder = answer_instructions(str(merged), QUESTIONS, max_new_tokens=16)

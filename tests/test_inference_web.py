@@ -25,6 +25,7 @@ def page_server(embedded_model, embedded_tokenizer):
         name="embedded",
         source="model",
         context_length=8192,
+        owns_model=False,  # the session's model: its weights stay as they are
     )
     app = build_server(loaded, api_key="page-key", default_max_tokens=16)
     with app_on_a_thread(app) as base:
