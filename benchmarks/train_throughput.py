@@ -26,9 +26,10 @@ MFU = tokens/s x model FLOPs per token / ceiling, with model FLOPs per token of 
 vocabulary projection included). `--roles corral corral_bf16` compares Corral in fp32 and in bf16
 (autocast on CPUs with native bf16) instead of Corral and TRL.
 
-Corral runs its defaults for speed: length-grouped batches, logits only at trained positions,
-and `max_tokens_per_forward=512` (each 8-example batch runs as forward passes of at most 512
-padded tokens; the optimizer step and its gradient are the same). TRL runs its SFTTrainer
+Corral runs its settings for speed and memory: length-grouped batches, logits only at trained
+positions, and `--max-tokens-per-forward 256` (each 8-example batch runs as forward passes of at
+most 256 padded tokens; the optimizer step and its gradient are the same, the activations held at
+once are fewer). TRL runs its SFTTrainer
 defaults (padding to the longest example of each batch). The last line printed is one JSON object.
 """
 
@@ -148,7 +149,13 @@ def flops_per_token(mean_length: float) -> float:
     return 4 * n_mm + 6 * n_adapter + 12 * layers * h * mean_length
 
 
-def run_corral(train_path: Path, workdir: Path, steps: int, precision: str = "fp32") -> dict:
+def run_corral(
+    train_path: Path,
+    workdir: Path,
+    steps: int,
+    precision: str = "fp32",
+    max_tokens_per_forward: int = 256,
+) -> dict:
     from corral.config import load_config
     from training.config import TrainConfig
     from training.loop import train
@@ -170,7 +177,7 @@ def run_corral(train_path: Path, workdir: Path, steps: int, precision: str = "fp
             f"precision={precision}",
             f"micro_batch_size={BATCH}",
             "gradient_accumulation_steps=1",
-            "max_tokens_per_forward=512",
+            f"max_tokens_per_forward={max_tokens_per_forward}",
             "group_by_length=true",
             "packing=false",
             f"max_steps={steps}",
@@ -274,7 +281,7 @@ def run_trl(train_path: Path, workdir: Path, steps: int) -> dict:
     }
 
 
-def child(role: str, workdir: Path, steps: int) -> None:
+def child(role: str, workdir: Path, steps: int, max_tokens_per_forward: int) -> None:
     import torch
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -285,7 +292,7 @@ def child(role: str, workdir: Path, steps: int) -> None:
         result = run_trl(train_path, workdir, steps)
     else:
         precision = "bf16" if role == "corral_bf16" else "fp32"
-        result = run_corral(train_path, workdir / role, steps, precision)
+        result = run_corral(train_path, workdir / role, steps, precision, max_tokens_per_forward)
     result["eval_loss"] = evaluate_adapter(Path(result["adapter"]), eval_path)
     result["gemm_ceiling_gflops"] = {k: round(v / 1e9, 1) for k, v in ceilings.items()}
     from corral.models import load_tokenizer
@@ -319,6 +326,12 @@ def main() -> None:
         choices=("corral", "corral_bf16", "trl"),
         help="the two measured side by side (default: corral trl)",
     )
+    parser.add_argument(
+        "--max-tokens-per-forward",
+        type=int,
+        default=256,
+        help="Corral's forward-pass token budget per micro-batch (0: one pass per batch)",
+    )
     parser.add_argument("--role", choices=("corral", "corral_bf16", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--core", type=int, help=argparse.SUPPRESS)
@@ -326,7 +339,7 @@ def main() -> None:
     if args.role:
         if args.core is not None:
             os.sched_setaffinity(0, {args.core})
-        child(args.role, args.workdir, args.steps)
+        child(args.role, args.workdir, args.steps, args.max_tokens_per_forward)
         return
 
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
@@ -349,6 +362,8 @@ def main() -> None:
                     str(workdir),
                     "--steps",
                     str(args.steps),
+                    "--max-tokens-per-forward",
+                    str(args.max_tokens_per_forward),
                     "--core",
                     str(core),
                 ],
@@ -369,7 +384,8 @@ def main() -> None:
             )
     first, second = (results[role] for role in args.roles)
     report = {"roles": args.roles, "steps": args.steps, "batch_size": BATCH,
-              "max_length": MAX_LENGTH}  # fmt: skip
+              "max_length": MAX_LENGTH,
+              "corral_max_tokens_per_forward": args.max_tokens_per_forward}  # fmt: skip
     for role in args.roles:
         r = results[role]
         report[role] = {
