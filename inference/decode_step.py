@@ -1,22 +1,22 @@
-"""One decode step of a LLaMA-family model written against its weights, for the batching engine.
+"""The batching engine's fast path for LLaMA-family models: its own decode step, packed weights.
 
-A decode step carries one token per running request. On a CPU, most of its time outside the weight
-matrix multiplies is Python: transformers' forward builds a 4D mask, dispatches attention through
-its interface and calls seven linear modules per layer. This step does the same arithmetic with
-fewer, larger operations:
+`DecodeStep` runs one decode step (one new token per running request) over the model's modules
+directly. transformers' forward does the same arithmetic but, per step, builds a 4D mask and the
+rotary angles in every layer and sends attention through PyTorch's fused CPU kernel, which is
+several times slower in bf16 for a single query row. Here the mask and rotary angles are built
+once per step, and attention is the plain multiply, fp32 softmax and multiply that transformers'
+eager path computes, over the engine's slab cache with grouped query heads (no repeated key/value
+heads).
 
-- q, k and v are one matrix multiply, and so are the MLP's gate and up projections. The fused
-  weights are made once, and the model's own `q_proj`/`k_proj`/... weights become row slices of
-  them, so no weight is held twice;
-- the rotary angles and the attention mask are computed once per step, not once per layer;
-- attention reads the engine's slab cache through `scaled_dot_product_attention` with grouped
-  query heads, without repeating the key/value heads.
+`PackedLinear` holds a linear layer's weight in oneDNN's blocked layout for CPU inference, the
+larger gain (see the class); `pack_linear_weights` swaps it in for every projection of a model the
+caller owns.
 
-The arithmetic is the model's own (its RMSNorm, rotary embedding and activation, in the model's
-dtype), so greedy answers match transformers' forward; `tests/test_decode_step.py` checks the
-logits against it. Models outside the family, or whose layers are not plain `nn.Linear` (a LoRA
-adapter left unmerged, a 4-bit base), get no decode step here and the engine uses transformers'
-forward; `unsupported_reason` says why.
+The norms, rotary embedding, activation and projections are the model's own modules, so greedy
+answers match transformers' forward in fp32 (in bf16, within bf16 rounding);
+`tests/test_decode_step.py` checks tokens and logprobs against it. Models outside the family, or
+whose layers are not plain `nn.Linear` (a LoRA adapter left unmerged, a 4-bit base), get neither
+and run transformers' forward; `unsupported_reason` says why.
 """
 
 from __future__ import annotations
