@@ -153,8 +153,8 @@ def run_corral(
     train_path: Path,
     workdir: Path,
     steps: int,
-    precision: str = "fp32",
-    max_tokens_per_forward: int = 256,
+    precision: str,
+    max_tokens_per_forward: int,
 ) -> dict:
     from corral.config import load_config
     from training.config import TrainConfig
