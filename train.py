@@ -8,7 +8,7 @@ The same as `corral train`; everything lives in the `training` package.
 
 import sys
 
-from training.commands import main
+from corral.training.commands import main
 
 if __name__ == "__main__":
     sys.exit(main())

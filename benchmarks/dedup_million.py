@@ -43,11 +43,11 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from corral.data_gen.config import DEFAULT_SEED_TASKS  # noqa: E402
 from rapidfuzz.distance import Indel  # noqa: E402
 
 from corral.records import read_seed_tasks  # noqa: E402
 from corral.rouge import rouge_l_fmeasure_from_lcs, rouge_tokens  # noqa: E402
-from data_gen.config import DEFAULT_SEED_TASKS  # noqa: E402
 
 NEAR_DUPLICATE_SHARE = 0.2
 TEMPLATED_SHARE = 0.45

@@ -66,8 +66,9 @@ def peak_rss_gb() -> float:
 
 def build_pairs(workdir: Path, steps: int) -> None:
     """train.jsonl (steps * BATCH pairs) and heldout.jsonl (HELD_OUT pairs) in `workdir`."""
+    from corral.training.preference import read_preferences
+
     from corral.records import read_seed_tasks
-    from training.preference import read_preferences
 
     seeds = read_seed_tasks(SEEDS)
     pairs = []
@@ -102,11 +103,16 @@ def build_pairs(workdir: Path, steps: int) -> None:
 def evaluate_adapter(adapter_dir: Path, pairs_path: Path) -> dict:
     """DPO loss and reward accuracy of an adapter on pairs (reference: the base), mean per pair."""
     import torch
+    from corral.training.preference import (
+        collate_pairs,
+        dpo_loss_sum,
+        read_preferences,
+        tokenize_pairs,
+    )
     from peft import PeftModel
 
     from corral.models import load_model, load_tokenizer, quiet_transformers
     from corral.templates import get_template
-    from training.preference import collate_pairs, dpo_loss_sum, read_preferences, tokenize_pairs
 
     with quiet_transformers():
         tokenizer = load_tokenizer("embedded")
@@ -136,9 +142,10 @@ def last_mean(rows: list[dict], key: str, count: int = 4) -> float:
 
 
 def run_corral(workdir: Path, steps: int) -> dict:
+    from corral.training.config import TrainConfig
+    from corral.training.loop import train
+
     from corral.config import load_config
-    from training.config import TrainConfig
-    from training.loop import train
 
     run_dir = workdir / "corral_run"
     config = load_config(
@@ -192,12 +199,12 @@ def run_corral(workdir: Path, steps: int) -> dict:
 def run_trl(workdir: Path, steps: int) -> dict:
     import datasets
     import torch
+    from corral.training.preference import read_preferences
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
     from corral.models import load_model, load_tokenizer, quiet_transformers
     from corral.templates import get_template
-    from training.preference import read_preferences
 
     with quiet_transformers():
         tokenizer = load_tokenizer("embedded")

@@ -26,8 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from corral.data_gen.config import DEFAULT_SEED_TASKS  # noqa: E402
+
 from corral.records import read_alpaca, read_seed_tasks, write_alpaca  # noqa: E402
-from data_gen.config import DEFAULT_SEED_TASKS  # noqa: E402
 
 SHARED_SEEDS = REPO.parent / "shared" / "data" / "self-instruct" / "seed_tasks.jsonl"
 
@@ -44,7 +45,7 @@ def instructions(count: int) -> list[dict[str, str]]:
 
 def fixed_chunks(loaded, records, params, batch_size) -> tuple[list[str], int, int, float]:
     """The anchor: chunk after chunk, each waiting for its longest answer."""
-    from inference.generation import answer_records
+    from corral.inference.generation import answer_records
 
     engine = loaded.make_engine(batch_size)
     # The same order `corral infer` uses: shortest prompts first.
@@ -75,10 +76,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-
-    from inference.batch import run_batch_inference
-    from inference.generation import templated_params
-    from inference.loading import load_for_inference
+    from corral.inference.batch import run_batch_inference
+    from corral.inference.generation import templated_params
+    from corral.inference.loading import load_for_inference
 
     torch.set_num_threads(1)
     loaded = load_for_inference(args.model, template="alpaca")

@@ -30,9 +30,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from corral.data_gen.config import DEFAULT_SEED_TASKS  # noqa: E402
+
 from corral.records import read_seed_tasks  # noqa: E402
 from corral.rouge import RougeNoveltyIndex  # noqa: E402
-from data_gen.config import DEFAULT_SEED_TASKS  # noqa: E402
 
 SHARED_SEEDS = REPO_ROOT.parent / "shared" / "data" / "self-instruct" / "seed_tasks.jsonl"
 

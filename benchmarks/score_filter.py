@@ -30,10 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from corral.data_gen.config import DEFAULT_SEED_TASKS  # noqa: E402
 from train_throughput import evaluate_adapter  # noqa: E402
 
 from corral.records import read_alpaca, read_seed_tasks, write_alpaca  # noqa: E402
-from data_gen.config import DEFAULT_SEED_TASKS  # noqa: E402
 
 
 def main() -> None:
@@ -44,17 +44,17 @@ def main() -> None:
     parser.add_argument("--judge-items", type=int, default=20)
     args = parser.parse_args()
 
-    from data_gen.judges import LocalJudge
-    from evaluation.evaluate import evaluate
-    from evaluation.score import LocalScorer, score_file
-    from training.demo import train_demo_adapter
+    from corral.data_gen.judges import LocalJudge
+    from corral.evaluation.evaluate import evaluate
+    from corral.evaluation.score import LocalScorer, score_file
+    from corral.training.demo import train_demo_adapter
 
     report: dict = {"benchmark": "score_filter", "model": "embedded"}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         started = time.monotonic()
         if args.data is None:
-            from data_gen.pipeline import generate_demo_dataset
+            from corral.data_gen.pipeline import generate_demo_dataset
 
             data = generate_demo_dataset(work / "gen", args.records, progress=False).output_path
         else:

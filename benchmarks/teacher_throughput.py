@@ -22,7 +22,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from data_gen.teachers import Completion, OpenAICompatibleTeacher, SamplingParams  # noqa: E402
+from corral.data_gen.teachers import Completion, OpenAICompatibleTeacher, SamplingParams  # noqa: E402
 
 
 def process_cpu_seconds(pid: int) -> float:

@@ -68,10 +68,11 @@ def build_data(seed_tasks: Path, workdir: Path, steps: int) -> tuple[Path, Path]
     The training file holds exactly `steps * BATCH` records, so in one epoch both trainers learn
     from the same examples; only the order and grouping of batches differ between them.
     """
+    from corral.training.data import tokenize_record
+
     from corral.models import load_tokenizer
     from corral.records import read_seed_tasks, write_alpaca
     from corral.templates import get_template
-    from training.data import tokenize_record
 
     tokenizer = load_tokenizer("embedded")
     template = get_template("alpaca", tokenizer)
@@ -92,13 +93,13 @@ def build_data(seed_tasks: Path, workdir: Path, steps: int) -> tuple[Path, Path]
 def evaluate_adapter(adapter_dir: Path, eval_path: Path) -> float:
     """Token-weighted mean cross-entropy over the completions of the held-out records."""
     import torch
+    from corral.training.batches import collate_padded, completion_loss_sum
+    from corral.training.data import tokenize_records
     from peft import PeftModel
 
     from corral.models import load_model, load_tokenizer, quiet_transformers
     from corral.records import read_alpaca
     from corral.templates import get_template
-    from training.batches import collate_padded, completion_loss_sum
-    from training.data import tokenize_records
 
     with quiet_transformers():
         tokenizer = load_tokenizer("embedded")
@@ -156,9 +157,10 @@ def run_corral(
     precision: str,
     max_tokens_per_forward: int,
 ) -> dict:
+    from corral.training.config import TrainConfig
+    from corral.training.loop import train
+
     from corral.config import load_config
-    from training.config import TrainConfig
-    from training.loop import train
 
     run_dir = workdir / "corral_run"
     config = load_config(

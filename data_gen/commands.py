@@ -28,8 +28,9 @@ threshold. The first of near-duplicates is kept, in file order.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from corral.data_gen.config import GenerateConfig
+
     from corral.config import config_help
-    from data_gen.config import GenerateConfig
 
     gen = subparsers.add_parser(
         "generate",
@@ -109,12 +110,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from corral.data_gen.config import GenerateConfig
+    from corral.data_gen.journal import FingerprintMismatch
+    from corral.data_gen.pipeline import GenerationError, format_summary, generate_dataset
+    from corral.data_gen.teachers import TeacherError
+
     from corral.config import load_config
     from corral.errors import UsageError
-    from data_gen.config import GenerateConfig
-    from data_gen.journal import FingerprintMismatch
-    from data_gen.pipeline import GenerationError, format_summary, generate_dataset
-    from data_gen.teachers import TeacherError
 
     config = load_config(
         GenerateConfig,
@@ -151,9 +153,10 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def _preferences(config, progress: bool) -> int:
+    from corral.data_gen.preferences import generate_preferences, judgments_path
+    from corral.data_gen.teachers import TeacherError
+
     from corral.errors import UsageError
-    from data_gen.preferences import generate_preferences, judgments_path
-    from data_gen.teachers import TeacherError
 
     try:
         manifest = generate_preferences(config, progress=progress)
@@ -172,11 +175,12 @@ def _preferences(config, progress: bool) -> int:
 def _estimate(config, probes: int) -> int:
     import json
 
+    from corral.data_gen.manifest import estimate_path
+    from corral.data_gen.pipeline import estimate_generation, format_estimate
+    from corral.data_gen.teachers import TeacherError
+
     from corral.errors import UsageError
     from corral.fileio import atomic_write_text, check_output_path
-    from data_gen.manifest import estimate_path
-    from data_gen.pipeline import estimate_generation, format_estimate
-    from data_gen.teachers import TeacherError
 
     if probes < 1:
         raise UsageError("--estimate-probes must be at least 1")

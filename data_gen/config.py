@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from data_gen.filters import DEFAULT_BLOCKLIST
+from corral.data_gen.filters import DEFAULT_BLOCKLIST
 
 DEFAULT_SEED_TASKS = Path(__file__).resolve().parent / "seeds" / "default_seed_tasks.jsonl"
 

@@ -117,7 +117,7 @@ class EndpointJudge:
     """Any OpenAI-compatible endpoint as judge (chat API, temperature 0, a few tokens)."""
 
     def __init__(self, model: str, base_url: str | None, concurrency: int = 8) -> None:
-        from data_gen.teachers import OpenAICompatibleTeacher
+        from corral.data_gen.teachers import OpenAICompatibleTeacher
 
         self.teacher = OpenAICompatibleTeacher(model, base_url=base_url, concurrency=concurrency)
         try:
@@ -127,7 +127,7 @@ class EndpointJudge:
             raise
 
     def judge(self, prompts: Sequence[str]) -> list[str | None]:
-        from data_gen.teachers import Completion, SamplingParams
+        from corral.data_gen.teachers import Completion, SamplingParams
 
         replies = self.teacher.complete(
             list(prompts), SamplingParams(temperature=0.0, max_tokens=8)

@@ -16,7 +16,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from data_gen.prompts import NO_INPUT
+from corral.data_gen.prompts import NO_INPUT
 
 # Drop reasons the parsers report (filters.py reports the rest).
 TRUNCATED = "truncated"

@@ -21,18 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.data_gen import filters, parsers, prompts
+from corral.data_gen.config import GenerateConfig
+from corral.data_gen.filters import InstructionRules, filter_instances
+from corral.data_gen.journal import Journal
+from corral.data_gen.lineage import lineage_path, write_lineage
+from corral.data_gen.manifest import build_manifest, read_estimate, run_paths
+from corral.data_gen.teachers import Completion, FailedRequest, OpenAIBatchTeacher, SamplingParams
+
 from corral.config import config_to_dict
 from corral.contamination import ContaminationIndex
 from corral.fileio import atomic_write_text, check_output_path, exclusive_output
 from corral.records import SeedTask, read_seed_tasks, write_alpaca
 from corral.rouge import RougeNoveltyIndex
-from data_gen import filters, parsers, prompts
-from data_gen.config import GenerateConfig
-from data_gen.filters import InstructionRules, filter_instances
-from data_gen.journal import Journal
-from data_gen.lineage import lineage_path, write_lineage
-from data_gen.manifest import build_manifest, read_estimate, run_paths
-from data_gen.teachers import Completion, FailedRequest, OpenAIBatchTeacher, SamplingParams
 
 
 class GenerationError(RuntimeError):
@@ -61,7 +62,7 @@ def load_seeds(config: GenerateConfig) -> tuple[list[SeedTask], dict[str, Any]]:
 
 def build_teacher(config: GenerateConfig) -> Any:
     """The teacher a config names (loads a local model, or prepares an endpoint client)."""
-    from data_gen.teachers import LocalTeacher, OpenAICompatibleTeacher
+    from corral.data_gen.teachers import LocalTeacher, OpenAICompatibleTeacher
 
     if config.teacher == "openai":
         if config.api == "batch":
@@ -651,7 +652,7 @@ def estimate_generation(
     it also checks against everything kept, which drops more as the pool grows, so the requests
     and cost are a lower bound and the run's manifest sets the actual figures beside these.
     """
-    from data_gen.teachers import TeacherStats
+    from corral.data_gen.teachers import TeacherStats
 
     seeds, seeds_info = load_seeds(config)
     own_teacher = teacher is None

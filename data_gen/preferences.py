@@ -21,15 +21,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from corral.data_gen.config import GenerateConfig
+from corral.data_gen.journal import Journal
+from corral.data_gen.judges import EndpointJudge, LocalJudge, combine_orders, judge_prompt
+from corral.data_gen.manifest import build_manifest, run_paths
+from corral.data_gen.teachers import Completion, SamplingParams
+
 from corral.config import config_to_dict
 from corral.errors import UsageError
 from corral.fileio import atomic_open, check_output_path, exclusive_output
 from corral.records import read_alpaca, write_alpaca
-from data_gen.config import GenerateConfig
-from data_gen.journal import Journal
-from data_gen.judges import EndpointJudge, LocalJudge, combine_orders, judge_prompt
-from data_gen.manifest import build_manifest, run_paths
-from data_gen.teachers import Completion, SamplingParams
 
 TEACHER = "teacher"
 
@@ -77,8 +78,8 @@ class _Answerers:
     def _from_model(
         self, source: str, records: list[dict[str, Any]], seed: int
     ) -> list[str | None]:
-        from inference.generation import answer_instructions
-        from inference.loading import load_for_inference
+        from corral.inference.generation import answer_instructions
+        from corral.inference.loading import load_for_inference
 
         if source not in self._loaded:
             self._loaded[source] = load_for_inference(source)
@@ -119,9 +120,8 @@ def generate_preferences(config: GenerateConfig, *, progress: bool = True) -> di
 def _run(
     config: GenerateConfig, records: list[dict[str, Any]], prompts_path: Path, progress: bool
 ) -> dict[str, Any]:
+    from corral.data_gen.pipeline import build_teacher, teacher_identity
     from tqdm import tqdm
-
-    from data_gen.pipeline import build_teacher, teacher_identity
 
     output, journal_path, manifest_path = run_paths(config.output)
     started = time.monotonic()

@@ -571,12 +571,13 @@ class LocalTeacher(_CountsUsage):
         dtype: str = "float32",
     ) -> None:
 
+        from corral.inference.engine import GenerationEngine
+
         from corral.models import (
             load_model,
             load_tokenizer,
             quiet_transformers,
         )
-        from inference.engine import GenerationEngine
 
         if api not in ("chat", "completions"):
             raise ValueError(f"api must be 'chat' or 'completions', got {api!r}")
@@ -615,7 +616,7 @@ class LocalTeacher(_CountsUsage):
     def complete(
         self, prompts: Sequence[str], params: SamplingParams
     ) -> list[Completion | FailedRequest]:
-        from inference.params import SamplingParams as EngineParams
+        from corral.inference.params import SamplingParams as EngineParams
 
         encoded = [
             self.tokenizer(self._render(p), add_special_tokens=False)["input_ids"] for p in prompts

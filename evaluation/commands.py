@@ -22,11 +22,12 @@ REPORT_DESCRIPTION = (
 def run_eval(args: argparse.Namespace) -> int:
     import json
 
+    from corral.data_gen.judges import EndpointJudge, LocalJudge
+    from corral.data_gen.teachers import TeacherError
+    from corral.evaluation.evaluate import evaluate, format_table
+
     from corral.errors import UsageError
     from corral.fileio import atomic_write_text, check_output_path
-    from data_gen.judges import EndpointJudge, LocalJudge
-    from data_gen.teachers import TeacherError
-    from evaluation.evaluate import evaluate, format_table
 
     if args.eval_set is None and not args.lm_eval_tasks:
         raise UsageError("give --eval-set (answers, ROUGE-L, judge) or --lm-eval-tasks, or both")
@@ -59,7 +60,7 @@ def run_eval(args: argparse.Namespace) -> int:
             if judge is not None:
                 judge.close()
     if args.lm_eval_tasks:
-        from evaluation.harness import format_harness_table, run_harness
+        from corral.evaluation.harness import format_harness_table, run_harness
 
         models = {"base": args.base, **({"tuned": args.tuned} if args.tuned else {})}
         result["lm_eval"] = run_harness(
@@ -81,8 +82,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from corral.evaluation.report import write_report
+
     from corral.fileio import check_output_path
-    from evaluation.report import write_report
 
     check_output_path(args.output, inputs=(*args.inputs, args.seed_tasks))
 

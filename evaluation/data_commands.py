@@ -30,10 +30,11 @@ OUTPUT.partial.jsonl: re-running the same command resumes. Then: corral audit SC
 def run_audit(args: argparse.Namespace) -> int:
     import json
 
+    from corral.evaluation.audit import audit_records, format_audit
+
     from corral.errors import UsageError
     from corral.fileio import check_output_path
     from corral.records import read_alpaca, read_seed_tasks, write_alpaca
-    from evaluation.audit import audit_records, format_audit
 
     if args.fix is not None:
         inputs = (args.data, args.eval_set, args.seed_tasks)
@@ -84,9 +85,10 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
+    from corral.data_gen.teachers import OpenAICompatibleTeacher, TeacherError
+    from corral.evaluation.score import EndpointScorer, LocalScorer, score_file
+
     from corral.errors import UsageError
-    from data_gen.teachers import OpenAICompatibleTeacher, TeacherError
-    from evaluation.score import EndpointScorer, LocalScorer, score_file
 
     if args.judge_base_url:
         teacher = OpenAICompatibleTeacher(

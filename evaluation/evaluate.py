@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corral.data_gen.judges import combine_orders, judge_prompt
+from corral.data_gen.teachers import TeacherError
+
 from corral.errors import RecordError
 from corral.records import (
     conversation_from_record,
@@ -27,8 +30,6 @@ from corral.records import (
     iter_json_objects,
     seed_task_from_record,
 )
-from data_gen.judges import combine_orders, judge_prompt
-from data_gen.teachers import TeacherError
 
 
 @dataclass
@@ -76,7 +77,7 @@ def read_eval_set(path: str | Path, limit: int | None = None) -> list[EvalItem]:
 
 
 def _answer_all(model_or_run: str, items: list[EvalItem], max_new_tokens: int) -> list[Any]:
-    from inference.generation import answer_instructions
+    from corral.inference.generation import answer_instructions
 
     records = [item.record() for item in items]
     return answer_instructions(model_or_run, records, max_new_tokens=max_new_tokens)

@@ -21,15 +21,16 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from corral.data_gen.lineage import lineage_path, records_per_seed
+from corral.data_gen.manifest import drops_by_reason, read_manifest
+from corral.data_gen.manifest import seed_tasks_path as manifest_seed_tasks
+from corral.evaluation.svgplot import bar_chart, histogram, line_chart
+
 from corral.errors import RecordError
 from corral.fileio import atomic_write_text
 from corral.records import read_alpaca, read_seed_tasks
 from corral.rouge import RougeNoveltyIndex
 from corral.rundir import has_run_info, read_metrics, read_run_info
-from data_gen.lineage import lineage_path, records_per_seed
-from data_gen.manifest import drops_by_reason, read_manifest
-from data_gen.manifest import seed_tasks_path as manifest_seed_tasks
-from evaluation.svgplot import bar_chart, histogram, line_chart
 
 # How many records at most get a nearest-seed ROUGE-L score (a random sample beyond that).
 ROUGE_SAMPLE = 5000
@@ -259,7 +260,7 @@ def eval_section(path: Path, result: dict[str, Any]) -> str:
 
 def harness_table(section: dict[str, Any]) -> str:
     """lm-evaluation-harness results: one row per task and metric, one column per model."""
-    from evaluation.harness import harness_rows
+    from corral.evaluation.harness import harness_rows
 
     roles = list(section["models"])
     rows = []

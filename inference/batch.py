@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corral.inference.engine import GenerationEvent, GenerationResult
+from corral.inference.generation import answer_from_result, record_prompt
+from corral.inference.loading import LoadedModel
+from corral.inference.params import SamplingParams
+
 from corral.errors import UsageError
 from corral.fileio import check_output_path, exclusive_output
 from corral.records import read_alpaca, write_alpaca
-from inference.engine import GenerationEvent, GenerationResult
-from inference.generation import answer_from_result, record_prompt
-from inference.loading import LoadedModel
-from inference.params import SamplingParams
 
 PARTIAL_SUFFIX = ".partial.jsonl"
 SYNC_SECONDS = 1.0

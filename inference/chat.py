@@ -11,9 +11,9 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from inference.generation import encode_prompt, render_conversation
-from inference.loading import LoadedModel
-from inference.params import SamplingParams
+from corral.inference.generation import encode_prompt, render_conversation
+from corral.inference.loading import LoadedModel
+from corral.inference.params import SamplingParams
 
 
 def run_chat(

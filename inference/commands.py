@@ -87,7 +87,7 @@ def _add_sampling_arguments(
 
 
 def _load(args: argparse.Namespace):
-    from inference.loading import load_for_inference
+    from corral.inference.loading import load_for_inference
 
     return load_for_inference(
         args.model,
@@ -99,8 +99,9 @@ def _load(args: argparse.Namespace):
 
 
 def _params(args: argparse.Namespace, loaded):
+    from corral.inference.generation import templated_params
+
     from corral.errors import UsageError
-    from inference.generation import templated_params
 
     try:
         return templated_params(
@@ -118,8 +119,9 @@ def _params(args: argparse.Namespace, loaded):
 
 def _check_sampling(args: argparse.Namespace) -> None:
     """Reject bad sampling flags before spending seconds on loading the model."""
+    from corral.inference.params import SamplingParams
+
     from corral.errors import UsageError
-    from inference.params import SamplingParams
 
     try:
         SamplingParams(
@@ -144,7 +146,7 @@ def run_infer(args: argparse.Namespace) -> int:
     # Bad input, or an output that cannot be written, fails before torch even loads.
     read_alpaca(args.input, require_output=False)
     check_output_path(args.output, inputs=(args.input,))
-    from inference.batch import run_batch_inference
+    from corral.inference.batch import run_batch_inference
 
     loaded = _load(args)
     params = _params(args, loaded)
@@ -162,7 +164,7 @@ def run_infer(args: argparse.Namespace) -> int:
 
 def run_chat_command(args: argparse.Namespace) -> int:
     _prefer_passive_threads()
-    from inference.chat import run_chat
+    from corral.inference.chat import run_chat
 
     _check_sampling(args)
     loaded = _load(args)
@@ -174,12 +176,12 @@ def run_serve(args: argparse.Namespace) -> int:
     # threads do not compete with the event loop, and prefills gain from threads that spin.
     import torch
     import uvicorn
+    from corral.inference.loading import load_for_inference
+    from corral.inference.serve_config import ServeConfig
+    from corral.inference.server import build_server
 
     from corral.config import load_config
     from corral.errors import UsageError
-    from inference.loading import load_for_inference
-    from inference.serve_config import ServeConfig
-    from inference.server import build_server
 
     config = load_config(
         ServeConfig,
@@ -235,8 +237,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _serve_epilog() -> str:
+    from corral.inference.serve_config import ServeConfig
+
     from corral.config import config_help
-    from inference.serve_config import ServeConfig
 
     return "config keys (key=default: help):\n" + config_help(ServeConfig)
 

@@ -28,17 +28,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
-
-from inference.decode_step import (
+from corral.inference.decode_step import (
     DecodeStep,
     pack_linear_weights,
     packing_unavailable_reason,
     unsupported_reason,
 )
-from inference.extraction import IncrementalDetokenizer, StopStringMatcher
-from inference.params import SamplingParams
+from corral.inference.extraction import IncrementalDetokenizer, StopStringMatcher
+from corral.inference.params import SamplingParams
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 @dataclass

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corral.inference.engine import GenerationEngine, GenerationResult
+from corral.inference.extraction import ExtractedResponse, extract_response
+from corral.inference.loading import LoadedModel, load_for_inference
+from corral.inference.params import SamplingParams
+
 from corral import templates
 from corral.rundir import read_run_info
-from inference.engine import GenerationEngine, GenerationResult
-from inference.extraction import ExtractedResponse, extract_response
-from inference.loading import LoadedModel, load_for_inference
-from inference.params import SamplingParams
 
 
 @dataclass

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corral.inference.extraction import ResponseMarkers
+
 from corral.errors import UsageError
 from corral.rundir import RunInfo, has_run_info, read_run_info
 from corral.templates import (
@@ -21,7 +23,6 @@ from corral.templates import (
     stop_strings,
     stop_token_ids,
 )
-from inference.extraction import ResponseMarkers
 
 
 @dataclass
@@ -66,7 +67,7 @@ class LoadedModel:
         When `owns_model`, the engine packs the linear weights for oneDNN in place on a CPU
         (`inference.decode_step.pack_linear_weights`).
         """
-        from inference.engine import GenerationEngine
+        from corral.inference.engine import GenerationEngine
 
         return GenerationEngine(
             self.model,
@@ -101,8 +102,9 @@ def load_for_inference(
     chat template when the tokenizer has one, else Alpaca's. LoRA weights are merged into the base
     for faster generation unless the base is quantized or `merge_adapter` is False.
     """
+    from corral.inference.engine import context_length_of
+
     from corral.models import default_dtype, load_model, load_tokenizer, quiet_transformers
-    from inference.engine import context_length_of
 
     if (model is None) == (run is None):
         raise UsageError("give exactly one of a model (--model) or a run directory (--run)")

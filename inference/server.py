@@ -20,16 +20,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from corral.inference.engine import GenerationEngine, GenerationEvent, GenerationResult
+from corral.inference.generation import encode_prompt, render_conversation
+from corral.inference.loading import LoadedModel
+from corral.inference.params import MAX_LOGPROBS, SamplingParams
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from inference.engine import GenerationEngine, GenerationEvent, GenerationResult
-from inference.generation import encode_prompt, render_conversation
-from inference.loading import LoadedModel
-from inference.params import MAX_LOGPROBS, SamplingParams
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 MAX_STOP_SEQUENCES = 16

@@ -408,9 +408,8 @@ def train_worker(record_dir: Path, train_argv: list[str]) -> None:
     """
     import runpy
 
+    import corral.training.loop as loop
     import torch
-
-    import training.loop as loop
 
     rank = int(os.environ.get("RANK") or 0)
     cuda = torch.cuda.is_available()
@@ -745,10 +744,11 @@ def free_port() -> int:
 
 def validate_plan(steps: list[Step]) -> list[str]:
     """Every training command's preset + overrides load as a TrainConfig; serve commands parse."""
+    from corral.training.config import TrainConfig
+
     from corral.cli import build_parser
     from corral.config import load_config
     from corral.errors import CorralError
-    from training.config import TrainConfig
 
     problems = []
     for step in steps:
@@ -771,8 +771,9 @@ def validate_plan(steps: list[Step]) -> list[str]:
 
 
 def train_config_of(command: Command) -> Any:
+    from corral.training.config import TrainConfig
+
     from corral.config import load_config
-    from training.config import TrainConfig
 
     at = command.argv.index("train.py")
     return load_config(TrainConfig, REPO / command.argv[at + 2], command.argv[at + 3 :])

@@ -3,9 +3,10 @@ its rules (a near instruction, a shared 13-gram)."""
 
 from __future__ import annotations
 
+from corral.evaluation.audit import audit_records, format_audit, repetition_detail
+
 from corral.contamination import find_contamination
 from corral.records import SeedTask
-from evaluation.audit import audit_records, format_audit, repetition_detail
 
 CLEAN = [
     {"instruction": "Name three primary colors.", "input": "", "output": "Red, blue and yellow."},

@@ -51,7 +51,7 @@ def test_unknown_model_folder_is_one_line_exit_2(capsys):
 
 
 def test_the_demo_prints_each_steps_time(capsys):
-    from corral.demo import _Steps
+    from corral.cli.demo import _Steps
 
     steps = _Steps(3)
     steps.begin("generate 4 instructions")

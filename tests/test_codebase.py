@@ -7,21 +7,12 @@ import configparser
 import subprocess
 import sys
 from importlib.metadata import version
-from pathlib import Path
 
 from packaging.requirements import Requirement
+from project import REPO, product_files
 
-REPO = Path(__file__).resolve().parents[1]
-PRODUCT_PACKAGES = ("corral", "data_gen", "training", "inference", "evaluation")
 # Entry points named by strings (setup.cfg's console script, the CLI's command-module list).
 CALLED_BY_NAME = {"main", "register"}
-
-
-def _product_files() -> list[Path]:
-    files = [REPO / "train.py"]
-    for package in PRODUCT_PACKAGES:
-        files.extend(sorted((REPO / package).rglob("*.py")))
-    return files
 
 
 def _top_level_names(tree: ast.Module) -> list[str]:
@@ -50,13 +41,13 @@ def _used_names(tree: ast.Module) -> set[str]:
 
 def test_every_top_level_name_is_used_by_the_product_or_a_benchmark():
     """A function only a test calls is dead code kept alive by its test."""
-    users = [*_product_files(), *sorted((REPO / "benchmarks").glob("*.py"))]
+    users = [*product_files(), *sorted((REPO / "benchmarks").glob("*.py"))]
     used: set[str] = set()
     for path in users:
         used |= _used_names(ast.parse(path.read_text(encoding="utf-8")))
     unused = [
         f"{path.relative_to(REPO)}: {name}"
-        for path in _product_files()
+        for path in product_files()
         for name in _top_level_names(ast.parse(path.read_text(encoding="utf-8")))
         if name not in used and name not in CALLED_BY_NAME and not name.startswith("__")
     ]

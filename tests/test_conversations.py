@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from corral.training.conversations import tokenize_conversation
+from corral.training.data import IGNORE_INDEX, tokenize_record
 
 from corral.errors import RecordError
 from corral.records import read_alpaca, read_conversations
 from corral.templates import get_template
-from training.conversations import tokenize_conversation
-from training.data import IGNORE_INDEX, tokenize_record
 
 THREE_TURNS = [
     {"role": "system", "content": "Answer briefly."},

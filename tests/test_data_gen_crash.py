@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+from corral.data_gen.config import GenerateConfig
+from corral.data_gen.journal import Journal
+from corral.data_gen.manifest import run_paths
+from corral.data_gen.pipeline import generate_dataset, load_seeds, run_fingerprint
 from openai_test_server import OpenAITestServer
 from servers import wait_until
 
 from corral.records import read_alpaca
-from data_gen.config import GenerateConfig
-from data_gen.journal import Journal
-from data_gen.manifest import run_paths
-from data_gen.pipeline import generate_dataset, load_seeds, run_fingerprint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TARGET = 60

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from corral.data_gen.config import GenerateConfig
+from corral.data_gen.filters import InstructionRules
+from corral.data_gen.parsers import parse_classification_answer
+from corral.data_gen.pipeline import generate_dataset
+from corral.data_gen.teachers import LocalTeacher, SamplingParams
 
 from corral.config import load_config
 from corral.records import read_alpaca
 from corral.rouge import RougeNoveltyIndex
-from data_gen.config import GenerateConfig
-from data_gen.filters import InstructionRules
-from data_gen.parsers import parse_classification_answer
-from data_gen.pipeline import generate_dataset
-from data_gen.teachers import LocalTeacher, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +109,9 @@ def test_self_instruct_mode_with_the_embedded_teacher(tmp_path, embedded_teacher
 
 def test_a_local_teacher_uses_bf16_where_the_cpu_has_it_natively():
     import torch
+    from corral.data_gen.teachers import local_dtype
 
     from corral.models import cpu_has_native_bf16
-    from data_gen.teachers import local_dtype
 
     if not torch.cuda.is_available():
         assert local_dtype("auto") == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)

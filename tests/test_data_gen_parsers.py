@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from corral.data_gen import filters, parsers, prompts
+from corral.data_gen.config import DEFAULT_SEED_TASKS
+from corral.data_gen.filters import InstructionRules, filter_instances
 
 from corral.records import SeedTask, read_seed_tasks
-from data_gen import filters, parsers, prompts
-from data_gen.config import DEFAULT_SEED_TASKS
-from data_gen.filters import InstructionRules, filter_instances
 
 
 def _seed(instruction: str, inp: str = "", out: str = "answer", cls: bool = False) -> SeedTask:

@@ -6,16 +6,16 @@ import json
 import random
 
 import pytest
+from corral.data_gen.config import GenerateConfig
+from corral.data_gen.journal import FingerprintMismatch
+from corral.data_gen.manifest import run_paths
+from corral.data_gen.pipeline import format_summary, generate_dataset
 from openai_test_server import _LABEL_SETS, OpenAITestServer, canned_teacher_reply
 
 from corral.cli import main as corral_main
 from corral.config import load_config
 from corral.records import read_alpaca
 from corral.rouge import RougeNoveltyIndex
-from data_gen.config import GenerateConfig
-from data_gen.journal import FingerprintMismatch
-from data_gen.manifest import run_paths
-from data_gen.pipeline import format_summary, generate_dataset
 
 FAULTS = ["429", None, "500", "malformed", None, "503", "drop", "slow"]
 

@@ -7,9 +7,7 @@ import threading
 import time
 
 import pytest
-from openai_test_server import OpenAITestServer
-
-from data_gen.teachers import (
+from corral.data_gen.teachers import (
     Completion,
     FailedRequest,
     OpenAICompatibleTeacher,
@@ -18,6 +16,7 @@ from data_gen.teachers import (
     backoff_delay,
     parse_retry_after,
 )
+from openai_test_server import OpenAITestServer
 
 
 def echo(prompt: str, request: dict) -> str:

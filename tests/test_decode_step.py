@@ -6,16 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from corral.models import load_model, load_tokenizer
-from inference.decode_step import (
+from corral.inference.decode_step import (
     PackedLinear,
     pack_linear_weights,
     packing_unavailable_reason,
     unsupported_reason,
 )
-from inference.engine import GenerationEngine
-from inference.params import SamplingParams
+from corral.inference.engine import GenerationEngine
+from corral.inference.params import SamplingParams
+
+from corral.models import load_model, load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

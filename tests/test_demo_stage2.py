@@ -14,9 +14,10 @@ SMOKE_DATA = REPO / "configs" / "training" / "smoke_alpaca.json"
 
 @pytest.mark.long
 def test_stage2_trains_dpo_from_the_sft_run_and_judges_it_against_it(tmp_path, capsys):
-    from corral.demo import DEMO_TEMPLATE, dpo_step, win_rate_step
+    from corral.training.demo import train_demo_adapter
+
+    from corral.cli.demo import DEMO_TEMPLATE, dpo_step, win_rate_step
     from corral.rundir import read_run_info
-    from training.demo import train_demo_adapter
 
     sft = Path(train_demo_adapter(SMOKE_DATA, tmp_path / "run", epochs=1))
     dpo = dpo_step(tmp_path, sft, fresh=False)

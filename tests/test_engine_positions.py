@@ -4,8 +4,7 @@ off-by-one position a different model, whose greedy answers drift from transform
 from __future__ import annotations
 
 import torch
-
-from inference.params import SamplingParams
+from corral.inference.params import SamplingParams
 
 
 class RecordingModel(torch.nn.Module):
@@ -23,8 +22,9 @@ class RecordingModel(torch.nn.Module):
 
 
 def test_prefill_and_decode_positions_continue_each_prompt(tiny_model_path):
+    from corral.inference.engine import GenerationEngine
+
     from corral.models import load_model, load_tokenizer
-    from inference.engine import GenerationEngine
 
     tokenizer = load_tokenizer("tiny-random", padding_side="left")
     model = RecordingModel(load_model("tiny-random", dtype=torch.float32, tokenizer=tokenizer))
@@ -47,8 +47,9 @@ def test_greedy_answers_equal_a_full_forward_pass_at_every_step(
     embedded_model, embedded_tokenizer, one_torch_thread
 ):
     """No cache, no batching: the argmax chain of plain forward passes is the reference."""
+    from corral.inference.engine import GenerationEngine
+
     from corral.templates import alpaca_template
-    from inference.engine import GenerationEngine
 
     template = alpaca_template(embedded_tokenizer.eos_token)
     prompt = embedded_tokenizer(template.format_prompt("Name a fruit that is yellow."))["input_ids"]

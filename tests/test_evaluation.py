@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from corral.data_gen.judges import EndpointJudge, combine_orders, judge_prompt, parse_verdict
+from corral.evaluation.evaluate import EvalItem, read_eval_set
 from openai_test_server import OpenAITestServer
 
 from corral.cli import main
 from corral.errors import RecordError
-from data_gen.judges import EndpointJudge, combine_orders, judge_prompt, parse_verdict
-from evaluation.evaluate import EvalItem, read_eval_set
 
 
 def test_parse_verdict():
@@ -141,7 +141,7 @@ def test_eval_needs_an_eval_set_or_harness_tasks(tmp_path, capsys):
 
 
 def test_harness_model_args_give_an_adapter_run_as_peft_on_its_base(lora_run, tiny_model_path):
-    from evaluation.harness import lm_eval_command, model_args
+    from corral.evaluation.harness import lm_eval_command, model_args
 
     args, description = model_args(str(lora_run))
     assert (
@@ -201,8 +201,8 @@ def test_a_conversation_is_asked_its_last_question_with_the_turns_before_it(tmp_
 def test_eval_answers_conversations_in_each_models_template_and_the_judge_sees_them(
     tmp_path, lora_run, capsys
 ):
-    from inference.generation import record_prompt
-    from inference.loading import load_for_inference
+    from corral.inference.generation import record_prompt
+    from corral.inference.loading import load_for_inference
 
     path = tmp_path / "eval.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in CONVERSATION_EVAL))

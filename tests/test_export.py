@@ -11,14 +11,14 @@ from pathlib import Path
 
 import openai
 import pytest
+from corral.inference.generation import answer_instructions
+from corral.inference.loading import load_for_inference
+from corral.training.export import merge_run
 from servers import corral_serve
 
 from corral.errors import UsageError
 from corral.records import read_alpaca, write_alpaca
 from corral.rundir import read_run_info
-from inference.generation import answer_instructions
-from inference.loading import load_for_inference
-from training.export import merge_run
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = ["Name a color.", "Say hello.", "Give a synonym for quick."]

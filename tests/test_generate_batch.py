@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from corral.data_gen.config import GenerateConfig
+from corral.data_gen.pipeline import generate_dataset
 from openai_test_server import OpenAITestServer
 from servers import wait_until
 
 from corral.records import read_alpaca
-from data_gen.config import GenerateConfig
-from data_gen.pipeline import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

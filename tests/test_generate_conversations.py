@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import random
 
+from corral.data_gen.config import GenerateConfig
+from corral.data_gen.parsers import parse_turn
+from corral.data_gen.pipeline import generate_dataset
 from openai_test_server import OpenAITestServer, canned_teacher_reply
 
 from corral.records import read_conversations
-from data_gen.config import GenerateConfig
-from data_gen.parsers import parse_turn
-from data_gen.pipeline import generate_dataset
 
 
 def self_chat(prompt: str, request: dict) -> str:

@@ -7,12 +7,12 @@ import json
 import threading
 
 import pytest
+from corral.data_gen.config import GenerateConfig
+from corral.data_gen.preferences import generate_preferences, judgments_path
 from openai_test_server import OpenAITestServer
 
 from corral.cli import main as corral_main
 from corral.records import write_alpaca
-from data_gen.config import GenerateConfig
-from data_gen.preferences import generate_preferences, judgments_path
 
 PROMPTS = [{"instruction": f"Describe topic number {n} briefly.", "input": ""} for n in range(6)]
 
@@ -75,7 +75,7 @@ def test_a_position_biased_judge_keeps_nothing(tmp_path):
 
 
 def test_an_interrupted_run_resumes_without_judging_twice(tmp_path, monkeypatch):
-    import data_gen.preferences as preferences
+    import corral.data_gen.preferences as preferences
 
     real = preferences._judge_round
     calls = []

@@ -66,9 +66,8 @@ def load_folder(folder: Path):
 def embedded_export(tmp_path_factory, embedded_model_path) -> tuple[Path, Path]:
     """An Alpaca-format LoRA run on the embedded model (random, small adapter weights, so the
     merge changes every attention projection), exported with --merge and --gguf (f32) at once."""
+    from corral.training.gguf import export_gguf
     from model_runs import random_lora_run
-
-    from training.gguf import export_gguf
 
     root = tmp_path_factory.mktemp("gguf-embedded")
     run = root / "runs" / "alpaca-lora"
@@ -122,9 +121,10 @@ def test_the_f32_gguf_loads_back_to_the_merged_model(embedded_export, loaded_ggu
 def test_greedy_answers_from_the_gguf_equal_corral_infer(
     embedded_export, loaded_gguf, one_torch_thread
 ):
+    from corral.inference.generation import answer_instructions
+    from corral.inference.loading import LoadedModel
+
     from corral.templates import get_template
-    from inference.generation import answer_instructions
-    from inference.loading import LoadedModel
 
     merged, gguf_path = embedded_export
     model, tokenizer = loaded_gguf
@@ -181,9 +181,8 @@ def test_the_cli_writes_a_quantized_gguf_of_an_adapter_run(lora_run, tmp_path):
 def test_an_f16_gguf_of_a_merged_export_is_close_to_it(lora_run, tmp_path):
     """A merged export (no adapter) is converted as it is."""
     import torch
-
-    from training.export import merge_run
-    from training.gguf import export_gguf
+    from corral.training.export import merge_run
+    from corral.training.gguf import export_gguf
 
     merged = merge_run(lora_run, tmp_path / "merged")
     out = export_gguf(merged, tmp_path / "tiny16.gguf", gguf_type="f16")
@@ -210,8 +209,9 @@ def test_a_folder_that_is_not_a_run_is_refused_in_one_line(tmp_path, tiny_model_
 
 
 def test_outputs_that_cannot_be_written_are_refused_before_any_work(lora_run, tmp_path):
+    from corral.training.gguf import export_gguf
+
     from corral.errors import RunDirError, UsageError
-    from training.gguf import export_gguf
 
     with pytest.raises(UsageError, match="must end with .gguf"):
         export_gguf(lora_run, tmp_path / "model.bin")
@@ -224,9 +224,8 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(lora_run, tm
 
 def test_query_and_key_rows_are_interleaved_as_llama_cpp_reads_them():
     import numpy as np
+    from corral.training.gguf import interleave_rotary_halves
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
-
-    from training.gguf import interleave_rotary_halves
 
     weight = np.arange(2 * 8 * 3, dtype=np.float32).reshape(16, 3)  # 2 heads of dim 8
     written = interleave_rotary_halves(weight, 2)

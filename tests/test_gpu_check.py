@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from corral.training.config import TrainConfig
 
 from corral.config import load_config
-from training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"

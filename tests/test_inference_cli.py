@@ -89,9 +89,9 @@ def test_infer_bad_input_names_file_record_and_field(tmp_path):
 def test_infer_resumes_after_an_interruption(tmp_path, monkeypatch):
     """A run that dies after its second answer leaves those answers in the partial file; the rerun
     keeps them, answers only the rest, and writes the complete output."""
-    import inference.batch as batch
-    from inference.generation import templated_params
-    from inference.loading import load_for_inference
+    import corral.inference.batch as batch
+    from corral.inference.generation import templated_params
+    from corral.inference.loading import load_for_inference
 
     loaded = load_for_inference("tiny-random", template="alpaca")
     params = templated_params(loaded, max_new_tokens=4)
@@ -161,10 +161,10 @@ def test_chat_streams_multi_turn_answers(embedded_model_path):
 def test_infer_lets_the_next_record_start_when_one_finishes(tmp_path, embedded_model_path):
     """Continuous batching: with two slots, one short and two long answers take about one long
     answer's worth of decode steps, not two (a fixed chunk waits for its longest answer)."""
-    from inference.batch import run_batch_inference
-    from inference.engine import GenerationEngine
-    from inference.generation import record_prompt, templated_params
-    from inference.loading import load_for_inference
+    from corral.inference.batch import run_batch_inference
+    from corral.inference.engine import GenerationEngine
+    from corral.inference.generation import record_prompt, templated_params
+    from corral.inference.loading import load_for_inference
 
     loaded = load_for_inference("embedded", template="alpaca")
     longest = 32

@@ -12,8 +12,8 @@ CONTEXT = 64
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_model_path):
-    from inference.loading import load_for_inference
-    from inference.server import build_server
+    from corral.inference.loading import load_for_inference
+    from corral.inference.server import build_server
 
     loaded = load_for_inference("tiny-random", template="alpaca")
     loaded.context_length = CONTEXT  # a small window, so prompts can fill most of it cheaply

@@ -8,9 +8,8 @@ import queue
 
 import pytest
 import torch
-
-from inference.engine import GenerationEngine, sample_next_tokens
-from inference.params import SamplingParams
+from corral.inference.engine import GenerationEngine, sample_next_tokens
+from corral.inference.params import SamplingParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 

@@ -10,16 +10,15 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from inference.extraction import (
+from corral.inference.extraction import (
     IncrementalDetokenizer,
     ResponseMarkers,
     StopStringMatcher,
     cut_at_stop_strings,
     extract_response,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 # A toy tokenizer: the id is the index into VOCAB; decoding concatenates the pieces.
 VOCAB = [

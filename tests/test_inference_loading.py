@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_run_info_for
+from corral.inference.generation import answer_instructions
+from corral.inference.loading import load_for_inference
 from servers import corral_serve
 
 from corral.errors import RunDirError, UsageError
-from inference.generation import answer_instructions
-from inference.loading import load_for_inference
 
 
 def _logits(model, ids):
@@ -100,7 +100,7 @@ def test_answer_instructions_with_a_run_and_a_base_model(lora_run):
 
 
 def test_compare_base_and_tuned_uses_the_runs_base_and_template(lora_run):
-    from inference.generation import compare_base_and_tuned
+    from corral.inference.generation import compare_base_and_tuned
 
     base, tuned = compare_base_and_tuned(lora_run, ["Name a color."], max_new_tokens=5)
     alone = answer_instructions(
@@ -149,8 +149,9 @@ def test_serve_a_run_answers_with_the_runs_template(lora_run):
 
 
 def test_every_serve_config_loads():
+    from corral.inference.serve_config import ServeConfig
+
     from corral.config import load_config
-    from inference.serve_config import ServeConfig
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs" / "serve").glob("*.yaml"))
     assert configs

@@ -16,8 +16,8 @@ from servers import app_on_a_thread
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_model_path):
-    from inference.loading import load_for_inference
-    from inference.server import build_server
+    from corral.inference.loading import load_for_inference
+    from corral.inference.server import build_server
 
     loaded = load_for_inference("tiny-random", template="alpaca")
     with app_on_a_thread(build_server(loaded, model_name="tiny", max_batch_size=4)) as base:

@@ -9,10 +9,9 @@ import json
 import httpx
 import openai
 import pytest
+from corral.data_gen.teachers import Completion, OpenAICompatibleTeacher
+from corral.data_gen.teachers import SamplingParams as TeacherSamplingParams
 from servers import corral_serve, wait_until
-
-from data_gen.teachers import Completion, OpenAICompatibleTeacher
-from data_gen.teachers import SamplingParams as TeacherSamplingParams
 
 pytestmark = pytest.mark.slow
 

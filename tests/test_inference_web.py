@@ -13,9 +13,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 @pytest.fixture(scope="module")
 def page_server(embedded_model, embedded_tokenizer):
     """The app on a free port in this process (reusing the session's model), run by uvicorn."""
+    from corral.inference.loading import LoadedModel
+    from corral.inference.server import build_server
+
     from corral.templates import get_template
-    from inference.loading import LoadedModel
-    from inference.server import build_server
 
     chromium_path()  # skip before starting anything when there is no browser
     loaded = LoadedModel(

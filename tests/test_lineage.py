@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
+from corral.data_gen.config import DEFAULT_SEED_TASKS, GenerateConfig
+from corral.data_gen.lineage import lineage_path, records_per_seed, similarity_profile
+from corral.data_gen.pipeline import generate_dataset
 from openai_test_server import OpenAITestServer
 
 from corral.records import read_alpaca, read_seed_tasks
-from data_gen.config import DEFAULT_SEED_TASKS, GenerateConfig
-from data_gen.lineage import lineage_path, records_per_seed, similarity_profile
-from data_gen.pipeline import generate_dataset
 
 
 def lines(output: Path) -> list[dict]:
@@ -79,7 +79,7 @@ def test_a_resumed_run_has_exactly_one_line_per_record(tmp_path):
             base_url=server.base_url, model="t", num_instructions=12, output=str(output),
             concurrency=1, requests_per_batch=1, tasks_per_request=5,
         )  # fmt: skip
-        from data_gen import pipeline
+        from corral.data_gen import pipeline
 
         real = pipeline._Generator.alpaca_round
         rounds = []
@@ -105,7 +105,7 @@ def test_a_resumed_run_has_exactly_one_line_per_record(tmp_path):
 
 
 def test_the_report_shows_which_seeds_led_to_kept_records(tmp_path):
-    from evaluation.report import build_report
+    from corral.evaluation.report import build_report
 
     output = tmp_path / "data.json"
     with OpenAITestServer(seed=9) as server:

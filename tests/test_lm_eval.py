@@ -282,6 +282,6 @@ def test_corral_eval_runs_harness_tasks_on_the_base_and_the_adapter_run(
     table = result.stdout.splitlines()
     assert any(line.startswith("corral_mc") and "acc_norm" in line for line in table)
 
-    from evaluation.report import build_report
+    from corral.evaluation.report import build_report
 
     assert "lm-evaluation-harness" in build_report([out])

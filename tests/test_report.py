@@ -6,15 +6,15 @@ import json
 
 import pytest
 from browser import chromium_page
+from corral.data_gen.config import DEFAULT_SEED_TASKS
+from corral.data_gen.manifest import build_manifest, run_paths
+from corral.evaluation.report import build_report, verb_and_object
 
 from corral.cli import main
 from corral.fileio import atomic_write_text
 from corral.records import read_seed_tasks, write_alpaca
 from corral.rundir import run_info_for_training, write_run_info
 from corral.templates import alpaca_template
-from data_gen.config import DEFAULT_SEED_TASKS
-from data_gen.manifest import build_manifest, run_paths
-from evaluation.report import build_report, verb_and_object
 
 # Corral's own seed tasks: the report is tested on every clone, reference data or not.
 SEEDS = DEFAULT_SEED_TASKS

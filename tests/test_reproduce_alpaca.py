@@ -45,7 +45,7 @@ def data_files(tmp_path) -> list[str]:
 
 def _check_train_command(argv: list[str]) -> tuple[str, object]:
     """The accelerate config exists and the training preset loads with the given overrides."""
-    from training.config import TrainConfig
+    from corral.training.config import TrainConfig
 
     assert argv[1:3] == ["launch", "--config_file"]
     assert (REPO / argv[3]).is_file()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from corral.data_gen.config import DEFAULT_SEED_TASKS
 from rouge_score import rouge_scorer
 
 from corral.records import read_seed_tasks
@@ -19,7 +20,6 @@ from corral.rouge import (
     rouge_l_fmeasure,
     rouge_tokens,
 )
-from data_gen.config import DEFAULT_SEED_TASKS
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from openai_test_server import OpenAITestServer
-
-from corral.records import read_alpaca, write_alpaca
-from evaluation.score import (
+from corral.evaluation.score import (
     EndpointScorer,
     LocalScorer,
     parse_score,
@@ -17,6 +14,9 @@ from evaluation.score import (
     score_file,
     score_prompt,
 )
+from openai_test_server import OpenAITestServer
+
+from corral.records import read_alpaca, write_alpaca
 
 RECORDS = [
     {"instruction": f"Name the colour number {n}.", "input": "" if n % 2 else "x", "output": "Red"}
@@ -45,7 +45,7 @@ def test_the_prompt_shows_the_input_only_when_there_is_one():
 
 
 def _endpoint(server) -> EndpointScorer:
-    from data_gen.teachers import OpenAICompatibleTeacher
+    from corral.data_gen.teachers import OpenAICompatibleTeacher
 
     return EndpointScorer(
         OpenAICompatibleTeacher(
@@ -150,7 +150,7 @@ def test_cli_score_then_audit_keeps_the_best(tmp_path, capsys):
 
 
 def test_the_report_shows_the_score_histogram(tmp_path):
-    from evaluation.report import build_report
+    from corral.evaluation.report import build_report
 
     scored = tmp_path / "scored.json"
     write_alpaca(scored, [{**r, "score": 1.0 + (i % 5)} for i, r in enumerate(RECORDS)])

@@ -86,8 +86,8 @@ def draw(fields: dict[str, tuple[list, list]], rng: random.Random) -> dict:
 
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_model_path):
-    from inference.loading import load_for_inference
-    from inference.server import build_server
+    from corral.inference.loading import load_for_inference
+    from corral.inference.server import build_server
 
     loaded = load_for_inference("tiny-random", template="alpaca")
     loaded.context_length = 128

@@ -5,9 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from training.batches import collate_packed, collate_padded, completion_loss_sum, pack_into_rows
-from training.data import IGNORE_INDEX, TokenizedExample
+from corral.training.batches import (
+    collate_packed,
+    collate_padded,
+    completion_loss_sum,
+    pack_into_rows,
+)
+from corral.training.data import IGNORE_INDEX, TokenizedExample
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from corral.training.config import TrainConfig
 
 from corral.config import ConfigError, load_config
-from training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINING_CONFIGS = sorted((REPO / "configs" / "training").glob("*.yaml"))
@@ -88,7 +88,7 @@ def test_invalid_values_are_config_errors():
 
 
 def test_demo_config_is_valid():
-    from training.demo import demo_config
+    from corral.training.demo import demo_config
 
     config = demo_config("data.json", "runs/demo", epochs=1)
     assert (config.template, config.method, config.epochs, config.data) == (

@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from corral.errors import RecordError
-from corral.templates import get_template
-from training.data import (
+from corral.training.data import (
     IGNORE_INDEX,
     load_records,
     mask_prompt_tokens,
@@ -18,6 +15,9 @@ from training.data import (
     tokenize_record,
     tokenize_records,
 )
+
+from corral.errors import RecordError
+from corral.templates import get_template
 
 RECORD = {"instruction": "Name a primary color.", "input": "", "output": "Red."}
 RECORD_WITH_INPUT = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "2 + 3 = 5."}

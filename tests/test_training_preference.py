@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from corral.training.config import TrainConfig
+from corral.training.data import IGNORE_INDEX
 from safetensors.torch import load_file
 from servers import wait_until
 
 from corral.config import load_config
 from corral.errors import ConfigError, RecordError
-from training.config import TrainConfig
-from training.data import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -63,7 +63,7 @@ def tokenizer(tiny_model_path):
 
 
 def some_pairs(tokenizer, template, count: int = 3):
-    from training.preference import read_preferences, tokenize_pairs
+    from corral.training.preference import read_preferences, tokenize_pairs
 
     records = read_preferences(PAIRS)[:count]
     pairs, _ = tokenize_pairs(records, tokenizer, template, max_length=256)
@@ -100,7 +100,7 @@ def some_pairs(tokenizer, template, count: int = 3):
     ],
 )
 def test_bad_preference_files_name_file_record_and_field(tmp_path, content, message):
-    from training.preference import read_preferences
+    from corral.training.preference import read_preferences
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(content)
@@ -110,7 +110,7 @@ def test_bad_preference_files_name_file_record_and_field(tmp_path, content, mess
 
 
 def test_a_json_list_names_the_record_index_and_extra_keys_are_kept(tmp_path):
-    from training.preference import read_preferences
+    from corral.training.preference import read_preferences
 
     good = {"prompt": "a", "chosen": "b", "rejected": "c", "source": "mine"}
     path = tmp_path / "pairs.json"
@@ -151,7 +151,7 @@ def test_bad_preference_settings_are_config_errors(overrides, message):
 
 
 def test_init_adapter_must_match_the_base_and_template(lora_run):
-    from training.model import check_init_adapter
+    from corral.training.model import check_init_adapter
 
     check_init_adapter(dpo_config(f"init_adapter={lora_run}", "template=dolly"))
     with pytest.raises(ConfigError, match="trained with template 'dolly'.*set template=dolly"):
@@ -164,8 +164,9 @@ def test_init_adapter_must_match_the_base_and_template(lora_run):
 
 @pytest.mark.parametrize("template_name", ["alpaca", "dolly"])
 def test_only_the_answers_and_their_end_marker_are_trained(tokenizer, template_name):
+    from corral.training.preference import collate_pairs
+
     from corral.templates import get_template
-    from training.preference import collate_pairs
 
     template = get_template(template_name, tokenizer)
     records, pairs = some_pairs(tokenizer, template)
@@ -210,7 +211,7 @@ def plain_logps(model, tokenizer, template, record: dict, key: str) -> tuple[tor
 @pytest.fixture(scope="module")
 def perturbed_policy(tokenizer):
     """A DPO model on tiny-random whose adapter is not zero, so policy and reference differ."""
-    from training.model import build_model
+    from corral.training.model import build_model
 
     torch.manual_seed(0)
     model = build_model(dpo_config("lora_dropout=0"), tokenizer, local_process_index=0)
@@ -225,9 +226,10 @@ def perturbed_policy(tokenizer):
 @pytest.mark.parametrize("packing", [False, True])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_dpo_loss_matches_the_formula(tokenizer, perturbed_policy, loss_type, packing):
+    from corral.training.preference import collate_pairs, dpo_loss_sum
+
     from corral.models import load_model
     from corral.templates import get_template
-    from training.preference import collate_pairs, dpo_loss_sum
 
     beta = 0.1
     template = get_template("alpaca", tokenizer)
@@ -262,10 +264,16 @@ def test_dpo_loss_matches_the_formula(tokenizer, perturbed_policy, loss_type, pa
 
 
 def test_the_reference_is_the_base_and_stays_fixed_while_the_policy_trains(tokenizer):
+    from corral.training.model import build_model
+    from corral.training.preference import (
+        collate_pairs,
+        dpo_loss_sum,
+        reference_policy,
+        sequence_logps,
+    )
+
     from corral.models import load_model
     from corral.templates import get_template
-    from training.model import build_model
-    from training.preference import collate_pairs, dpo_loss_sum, reference_policy, sequence_logps
 
     template = get_template("alpaca", tokenizer)
     records, pairs = some_pairs(tokenizer, template, count=4)
@@ -304,13 +312,18 @@ def test_the_reference_is_the_base_and_stays_fixed_while_the_policy_trains(token
 
 
 def test_after_init_adapter_the_reference_is_base_plus_the_frozen_sft_adapter(tokenizer, lora_run):
+    from corral.training.checkpoint import trainable_state_dict
+    from corral.training.model import REFERENCE_ADAPTER, build_model
+    from corral.training.preference import (
+        collate_pairs,
+        dpo_loss_sum,
+        reference_policy,
+        sequence_logps,
+    )
     from peft import PeftModel
 
     from corral.models import load_model
     from corral.templates import get_template
-    from training.checkpoint import trainable_state_dict
-    from training.model import REFERENCE_ADAPTER, build_model
-    from training.preference import collate_pairs, dpo_loss_sum, reference_policy, sequence_logps
 
     template = get_template("dolly", tokenizer)
     _, pairs = some_pairs(tokenizer, template, count=4)
@@ -356,11 +369,11 @@ def test_after_init_adapter_the_reference_is_base_plus_the_frozen_sft_adapter(to
 
 @pytest.mark.long
 def test_dpo_smoke_run_raises_reward_accuracy_and_logs_the_metrics(tmp_path):
+    from corral.evaluation.report import run_section
     from peft import PeftConfig
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from corral.rundir import read_run_info
-    from evaluation.report import run_section
 
     run_dir = tmp_path / "dpo"
     result = launch(
@@ -402,9 +415,10 @@ def test_dpo_smoke_run_raises_reward_accuracy_and_logs_the_metrics(tmp_path):
 
 @pytest.mark.long
 def test_reward_model_smoke_run_reports_heldout_accuracy_and_ranks_its_pairs(tmp_path):
+    from corral.training.data import split_validation
+    from corral.training.preference import RewardModel, read_preferences
+
     from corral.rundir import read_run_info
-    from training.data import split_validation
-    from training.preference import RewardModel, read_preferences
 
     run_dir = tmp_path / "reward"
     # Half the preset's steps: enough for the ranking to be learned, half the time.
@@ -504,7 +518,7 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 
 @pytest.mark.long
 def test_dpo_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path, slow_sft_run):
-    from training.loop import train
+    from corral.training.loop import train
 
     expected_dir = train(
         load_config(TrainConfig, DPO_SMOKE, resume_args(slow_sft_run, tmp_path / "whole"))
@@ -552,8 +566,9 @@ def test_dpo_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path, slow_s
 
 
 def test_reward_scores_need_a_reward_folder(lora_run):
+    from corral.training.preference import RewardModel
+
     from corral.errors import RunDirError
-    from training.preference import RewardModel
 
     with pytest.raises(RunDirError, match="not a reward model"):
         RewardModel.load(lora_run)
@@ -562,7 +577,7 @@ def test_reward_scores_need_a_reward_folder(lora_run):
 @pytest.mark.parametrize(("loss_type", "expected"), [("sigmoid", math.log(2)), ("ipo", 25.0)])
 def test_a_policy_equal_to_its_reference_has_no_margin(loss_type, expected):
     """sigmoid: -log sigmoid(0) = log 2; ipo: (0 - 1/(2 beta))^2 = 25 at beta 0.1."""
-    from training.preference import dpo_losses
+    from corral.training.preference import dpo_losses
 
     logps, tokens = torch.tensor([-3.0, -7.5]), torch.tensor([4, 9])
     losses, chosen, rejected = dpo_losses(

@@ -245,9 +245,10 @@ def resume_args(model: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, slow_tiny_model) -> Path:
     """The uninterrupted run, in this process (saves a launcher start-up)."""
+    from corral.training.config import TrainConfig
+    from corral.training.loop import train
+
     from corral.config import load_config
-    from training.config import TrainConfig
-    from training.loop import train
 
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     config = load_config(
@@ -398,11 +399,11 @@ def test_too_long_data_stops_before_training(tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path, tiny_model_path):
+    from corral.training.config import TrainConfig
+    from corral.training.loop import NonFiniteLossError, train
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from corral.config import load_config
-    from training.config import TrainConfig
-    from training.loop import NonFiniteLossError, train
 
     # A base whose weights hold a NaN (a corrupted download or conversion) makes the loss NaN.
     broken = tmp_path / "broken-model"
@@ -438,9 +439,8 @@ def _cpu_flags() -> set[str]:
 
 def test_auto_precision_is_bf16_on_cpus_with_native_bf16():
     import torch
-
-    from training.config import TrainConfig
-    from training.model import compute_dtype
+    from corral.training.config import TrainConfig
+    from corral.training.model import compute_dtype
 
     native = bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
     assert compute_dtype(TrainConfig(precision="fp32")) == torch.float32

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from corral.training.config import TrainConfig
+from corral.training.loop import prepare_run_dir
 from servers import wait_until
 
 from corral.config import load_config
 from corral.errors import ConfigError
-from training.config import TrainConfig
-from training.loop import prepare_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "training" / "smoke.yaml"

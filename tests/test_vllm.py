@@ -62,7 +62,7 @@ def corral_answers(flag: str, target: Path, tmp_path: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, embedded_model_path) -> dict[str, Path]:
     """A Dolly-format and an Alpaca-format LoRA run on the embedded model (the demo's recipe)."""
-    from training.demo import train_demo_adapter
+    from corral.training.demo import train_demo_adapter
 
     root = tmp_path_factory.mktemp("vllm_runs")
     return {
@@ -73,7 +73,7 @@ def runs(tmp_path_factory, embedded_model_path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def merged_dolly(runs, tmp_path_factory) -> Path:
-    from training.export import merge_run
+    from corral.training.export import merge_run
 
     return merge_run(runs["dolly"], tmp_path_factory.mktemp("vllm_export") / "dolly-merged")
 

@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from training.data import IGNORE_INDEX, TokenizedExample
+from corral.training.data import IGNORE_INDEX, TokenizedExample
 
 
 def next_token_targets(labels: Sequence[int]) -> list[int]:

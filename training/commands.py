@@ -29,22 +29,24 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_epilog() -> str:
+    from corral.training.config import TrainConfig
+
     from corral.config import config_help
-    from training.config import TrainConfig
 
     return "config keys (key=default: help):\n" + config_help(TrainConfig)
 
 
 def load_train_config(config_path: str | None, overrides: list[str]):
+    from corral.training.config import TrainConfig
+
     from corral.config import load_config
-    from training.config import TrainConfig
 
     return load_config(TrainConfig, config_path, overrides)
 
 
 def run_train(args: argparse.Namespace) -> int:
     """Train from parsed arguments; exit status 0, or 143 after a SIGTERM checkpoint."""
-    from training.loop import NonFiniteLossError, TrainingStopped, train
+    from corral.training.loop import NonFiniteLossError, TrainingStopped, train
 
     config = load_train_config(args.config, args.overrides)
     try:
@@ -62,11 +64,11 @@ def run_export(args: argparse.Namespace) -> int:
     if args.gguf is None:
         if args.merge is None:
             raise UsageError("give --merge OUT, --gguf OUT.gguf, or both")
-        from training.export import merge_run
+        from corral.training.export import merge_run
 
         print(merge_run(args.run, args.merge, dtype=args.dtype))
         return 0
-    from training.gguf import MODELFILE_NAME, export_gguf
+    from corral.training.gguf import MODELFILE_NAME, export_gguf
 
     out = export_gguf(
         args.run, args.gguf, gguf_type=args.gguf_type, merge_dir=args.merge, dtype=args.dtype

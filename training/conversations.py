@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from corral.training.data import IGNORE_INDEX, TokenizationReport, TokenizedExample, tokenize_each
+
 from corral.templates import PromptTemplate, chat_conversation_segments
-from training.data import IGNORE_INDEX, TokenizationReport, TokenizedExample, tokenize_each
 
 
 def conversation_pieces(

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from corral.training.config import TrainConfig
+
 from corral.config import load_config
-from training.config import TrainConfig
 
 DEMO_TRAINING = [
     "template=dolly",
@@ -53,6 +54,6 @@ def train_demo_adapter(
     data: str | os.PathLike, output_dir: str | os.PathLike, *, model: str = "embedded", **overrides
 ) -> Path:
     """Train the demo LoRA on an Alpaca file in this process; returns the run directory."""
-    from training.loop import train
+    from corral.training.loop import train
 
     return train(demo_config(data, output_dir, model=model, **overrides))

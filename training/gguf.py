@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corral.training.export import carry_template_for_engines, merge_run
+
 from corral.errors import UsageError
 from corral.fileio import (
     atomic_write_text,
@@ -38,7 +40,6 @@ from corral.fileio import (
 )
 from corral.rundir import MODEL_CONFIG_FILE, RunInfo, read_run_info
 from corral.templates import PromptTemplate, adds_bos, get_template, stop_token_ids
-from training.export import carry_template_for_engines, merge_run
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 MODELFILE_NAME = "Modelfile"

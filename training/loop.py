@@ -28,6 +28,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.training.checkpoint import (
+    latest_checkpoint,
+    read_trainer_state,
+    register_adapter_only_hooks,
+    save_checkpoint,
+)
+from corral.training.config import PREFERENCE_METHODS, TrainConfig
+from corral.training.data import (
+    load_records,
+    plan_batches,
+    shard_for_process,
+    split_by_token_budget,
+    split_validation,
+    tokenize_records,
+)
+from corral.training.export import carry_template_for_engines
+from corral.training.metrics import MetricsLogger
+
 from corral.config import config_to_yaml, save_config
 from corral.errors import ConfigError, CorralError, RecordError, UsageError
 from corral.fileio import atomic_write_text, check_output_path, exclusive_output
@@ -41,23 +59,6 @@ from corral.rundir import (
     run_info_for_training,
     write_run_info,
 )
-from training.checkpoint import (
-    latest_checkpoint,
-    read_trainer_state,
-    register_adapter_only_hooks,
-    save_checkpoint,
-)
-from training.config import PREFERENCE_METHODS, TrainConfig
-from training.data import (
-    load_records,
-    plan_batches,
-    shard_for_process,
-    split_by_token_budget,
-    split_validation,
-    tokenize_records,
-)
-from training.export import carry_template_for_engines
-from training.metrics import MetricsLogger
 
 
 class NonFiniteLossError(RuntimeError):
@@ -304,10 +305,7 @@ def setup(config: TrainConfig, accelerator: Any) -> TrainingRun:
     """Data, step plan, model, optimizer, schedule; resumed when asked."""
     import torch
     from accelerate.utils import set_seed
-
-    from corral.models import load_tokenizer, quiet_transformers
-    from corral.templates import get_template
-    from training.model import (
+    from corral.training.model import (
         build_model,
         build_optimizer,
         build_scheduler,
@@ -315,6 +313,9 @@ def setup(config: TrainConfig, accelerator: Any) -> TrainingRun:
         check_target_modules,
         count_parameters,
     )
+
+    from corral.models import load_tokenizer, quiet_transformers
+    from corral.templates import get_template
 
     say = accelerator.print
     run_dir = Path(config.output_dir)
@@ -404,7 +405,7 @@ def prepare_examples(config: TrainConfig, tokenizer: Any, template: Any) -> tupl
     For dpo and reward, the examples are preference pairs (training.preference.PreferencePair).
     """
     if config.method in PREFERENCE_METHODS:
-        from training.preference import prepare_pairs
+        from corral.training.preference import prepare_pairs
 
         return prepare_pairs(config, tokenizer, template)
     records = load_records(config.data, split=config.data_split)
@@ -417,7 +418,7 @@ def prepare_examples(config: TrainConfig, tokenizer: Any, template: Any) -> tupl
     }
     tokenize = tokenize_records
     if records and "messages" in records[0]:
-        from training.conversations import tokenize_conversations
+        from corral.training.conversations import tokenize_conversations
 
         # Conversations: the loss on every answer; the prompt is never trained.
         common.pop("train_on_inputs")
@@ -454,8 +455,7 @@ def count_steps_per_epoch(config: TrainConfig, lengths: list[int], world: int) -
 def _make_accelerator(config: TrainConfig) -> Any:
     import torch
     from accelerate import Accelerator
-
-    from training.model import compute_dtype
+    from corral.training.model import compute_dtype
 
     bf16 = compute_dtype(config) == torch.bfloat16
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
@@ -557,8 +557,8 @@ def step_batches(run: TrainingRun) -> list[dict[str, Any]]:
 
 def collate_examples(run: TrainingRun, examples: list) -> dict[str, Any]:
     """One forward pass's batch: padded or packed examples, or pairs (chosen rows, then rejected)."""
-    from training.batches import collate
-    from training.preference import collate_pairs
+    from corral.training.batches import collate
+    from corral.training.preference import collate_pairs
 
     return (collate_pairs if run.pairs else collate)(
         examples,
@@ -575,8 +575,8 @@ def batch_loss(run: TrainingRun, batch: dict[str, Any]) -> tuple[Any, dict[str, 
     pairs (reference and policy log-probabilities of the same model); reward: the pairwise ranking
     loss summed over pairs. `loss_units` gives what each sum is divided by.
     """
-    from training.batches import completion_loss_sum
-    from training.preference import dpo_loss_sum, reward_loss_sum
+    from corral.training.batches import completion_loss_sum
+    from corral.training.preference import dpo_loss_sum, reward_loss_sum
 
     method = run.config.method
     if method == "dpo":
@@ -603,7 +603,7 @@ def loss_units(run: TrainingRun, batch: dict[str, Any]) -> int:
 
 def metric_names(run: TrainingRun) -> tuple[str, ...]:
     """The metrics besides the loss that steps and evaluations report (none for SFT)."""
-    from training.preference import PAIR_METRICS
+    from corral.training.preference import PAIR_METRICS
 
     return PAIR_METRICS.get(run.config.method, ())
 
@@ -782,10 +782,10 @@ def evaluate(run: TrainingRun) -> dict[str, float] | None:
 def save_final(run: TrainingRun) -> None:
     """The run directory's top level: adapter (or full weights), tokenizer, run_info.json."""
     from accelerate.utils import DistributedType
+    from corral.training.model import REFERENCE_ADAPTER
 
     import corral
     from corral.models import resolve_model
-    from training.model import REFERENCE_ADAPTER
 
     accelerator = run.accelerator
     accelerator.wait_for_everyone()

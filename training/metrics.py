@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from corral.training.config import TrainConfig
+
 from corral.fileio import atomic_write_text
 from corral.rundir import METRICS_FILE
-from training.config import TrainConfig
 
 
 class MetricsLogger:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from corral.training.config import ADAPTER_METHODS, TrainConfig
+
 from corral.errors import ConfigError
 from corral.models import load_model
-from training.config import ADAPTER_METHODS, TrainConfig
 
 REFERENCE_ADAPTER = "reference"  # dpo with init_adapter: the frozen copy that is the reference
 

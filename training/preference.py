@@ -45,10 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from corral.errors import RecordError, RunDirError
-from corral.records import iter_json_objects
-from corral.templates import PromptTemplate, encode_prompt
-from training.data import (
+from corral.training.data import (
     TokenizationReport,
     TokenizedExample,
     encode_completion,
@@ -56,6 +53,10 @@ from training.data import (
     split_validation,
     tokenize_each,
 )
+
+from corral.errors import RecordError, RunDirError
+from corral.records import iter_json_objects
+from corral.templates import PromptTemplate, encode_prompt
 
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 # What each method logs per step and per evaluation, besides the loss (means over pairs).
@@ -226,7 +227,7 @@ def collate_pairs(
     row_capacity: int | None = None,
 ) -> dict[str, Any]:
     """One batch of 2n sequences, the n chosen then the n rejected (one forward pass for both)."""
-    from training.batches import collate
+    from corral.training.batches import collate
 
     examples = [pair.chosen for pair in pairs] + [pair.rejected for pair in pairs]
     batch = collate(examples, packing=packing, pad_token_id=pad_token_id, row_capacity=row_capacity)
@@ -243,8 +244,7 @@ def sequence_logps(model: Any, batch: dict[str, Any], device: Any) -> tuple[Any,
     Logits only at trained positions (the answer and its end marker), as for the SFT loss.
     """
     import torch.nn.functional as F
-
-    from training.batches import trained_logits
+    from corral.training.batches import trained_logits
 
     logits, targets, keep = trained_logits(model, batch, device)
     token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
@@ -262,7 +262,7 @@ def reference_policy(model: Any, peft_model: Any) -> Iterator[None]:
     `model` is what is called (a DDP wrapper under data parallelism); `peft_model` is the peft
     model inside it, whose adapters are switched.
     """
-    from training.model import REFERENCE_ADAPTER
+    from corral.training.model import REFERENCE_ADAPTER
 
     training = model.training
     model.eval()
@@ -390,12 +390,12 @@ class RewardModel:
         cls, run_dir: str | os.PathLike, *, device: Any = "cpu", dtype: Any = None
     ) -> RewardModel:
         import torch
+        from corral.training.model import load_sequence_classifier
         from peft import PeftModel
 
         from corral.models import load_tokenizer, quiet_transformers
         from corral.rundir import read_run_info
         from corral.templates import get_template
-        from training.model import load_sequence_classifier
 
         info = read_run_info(run_dir)
         if info.kind != "reward":
@@ -436,8 +436,7 @@ class RewardModel:
         """The reward of each (prompt, answer), rendered with the run's template (with an Alpaca
         input per prompt when `inputs` is given)."""
         import torch
-
-        from training.batches import collate_padded
+        from corral.training.batches import collate_padded
 
         examples = []
         for prompt, answer, extra in zip(

@@ -18,11 +18,11 @@ from corral.errors import CorralError
 
 # Stage modules that add subcommands, in the order they appear in --help.
 STAGE_COMMAND_MODULES = (
-    "data_gen.commands",
-    "training.commands",
-    "inference.commands",
-    "evaluation.commands",
-    "evaluation.data_commands",
+    "corral.data_gen.commands",
+    "corral.training.commands",
+    "corral.inference.commands",
+    "corral.evaluation.commands",
+    "corral.evaluation.data_commands",
 )
 
 
@@ -34,7 +34,7 @@ def _cmd_model_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from corral.demo import run_demo
+    from corral.cli.demo import run_demo
 
     return run_demo(args)
 
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         if importlib.util.find_spec(module_name) is not None:
             importlib.import_module(module_name).register(sub)
 
-    from corral.demo import add_demo_arguments
+    from corral.cli.demo import add_demo_arguments
 
     demo = sub.add_parser(
         "demo",
@@ -87,7 +87,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("corral: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

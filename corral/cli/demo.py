@@ -74,7 +74,7 @@ class _Steps:
 
 
 def generate_step(out: Path, num_instructions: int, fresh: bool) -> tuple[Path, Path]:
-    from data_gen.pipeline import format_summary, generate_demo_dataset
+    from corral.data_gen.pipeline import format_summary, generate_demo_dataset
 
     data_dir = out / "data"
     if fresh and data_dir.exists():
@@ -85,7 +85,7 @@ def generate_step(out: Path, num_instructions: int, fresh: bool) -> tuple[Path, 
 
 
 def train_step(out: Path, data: Path, epochs: float, fresh: bool) -> Path:
-    from training.demo import train_demo_adapter
+    from corral.training.demo import train_demo_adapter
 
     run_dir = out / "run"
     if fresh and run_dir.exists():
@@ -95,7 +95,7 @@ def train_step(out: Path, data: Path, epochs: float, fresh: bool) -> Path:
 
 
 def compare_step(run_dir: Path, max_new_tokens: int) -> dict[str, list]:
-    from inference.generation import compare_base_and_tuned
+    from corral.inference.generation import compare_base_and_tuned
 
     # The base is prompted exactly as the tuned model (the run's template): any difference,
     # `### End` included, comes from the training.
@@ -120,8 +120,8 @@ def compare_step(run_dir: Path, max_new_tokens: int) -> dict[str, list]:
 
 def dpo_step(out: Path, sft_run: Path, fresh: bool) -> Path:
     from corral.config import load_config
-    from training.config import TrainConfig
-    from training.loop import train
+    from corral.training.config import TrainConfig
+    from corral.training.loop import train
 
     run_dir = out / "run_dpo"
     if fresh and run_dir.exists():
@@ -143,8 +143,8 @@ def dpo_step(out: Path, sft_run: Path, fresh: bool) -> Path:
 def win_rate_step(sft_run: Path, dpo_run: Path, max_new_tokens: int) -> dict[str, float]:
     import json
 
-    from data_gen.judges import LocalJudge, combine_orders, judge_prompt
-    from inference.generation import answer_instructions
+    from corral.data_gen.judges import LocalJudge, combine_orders, judge_prompt
+    from corral.inference.generation import answer_instructions
 
     sft = answer_instructions(sft_run, HELD_OUT_INSTRUCTIONS, max_new_tokens=max_new_tokens)
     dpo = answer_instructions(dpo_run, HELD_OUT_INSTRUCTIONS, max_new_tokens=max_new_tokens)
@@ -184,8 +184,8 @@ def win_rate_step(sft_run: Path, dpo_run: Path, max_new_tokens: int) -> dict[str
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from corral.evaluation.report import write_report
     from corral.models import resolve_model
-    from evaluation.report import write_report
 
     started = time.monotonic()
     out = Path(args.output_dir)
@@ -203,7 +203,7 @@ def run_demo(args: argparse.Namespace) -> int:
     compare_step(run_dir, args.max_new_tokens)
 
     steps.begin("report")
-    from data_gen.config import GenerateConfig
+    from corral.data_gen.config import GenerateConfig
 
     seeds = GenerateConfig().seed_tasks_path()
     report = write_report([data, run_dir], out / "report.html", seed_tasks=seeds)
