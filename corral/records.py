@@ -1,6 +1,6 @@
 """Alpaca records, conversations and Self-Instruct seed tasks: read, validate, write.
 
-Formats (the README's "Formats"):
+Formats (docs/formats.md):
 - Alpaca: a JSON list of {"instruction", "input", "output"} objects, or the same objects one per
   line (JSONL). Extra keys are kept through a read/write round trip and never required. Dolly 15k
   records ({instruction, context, response, category}) read as Alpaca (context -> input,

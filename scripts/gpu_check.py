@@ -20,7 +20,7 @@ stderr and the check goes on; the exit status is 1 if any step failed):
   `corral serve --run` on the LoRA run answering one chat request.
 
 Every training example is exactly `max_length` tokens (synthetic records cut with
-truncation=truncate), so micro-batches are exactly the "4 x 256 tokens" the README's memory
+truncation=truncate), so micro-batches are exactly the "4 x 256 tokens" the memory table of docs/training.md
 arithmetic assumes.
 
 How things are measured:
@@ -74,7 +74,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-GB = 1e9  # decimal gigabytes, as the README's table
+GB = 1e9  # decimal gigabytes, as docs/training.md's table
 WARMUP_STEPS = 2  # left out of tokens/s: kernel selection, allocator growth
 RESUME_LOSS_TOLERANCE = 0.02  # bf16 on GPUs: kernels and collectives are not bit-deterministic
 SMALL_MODEL_PARAMETERS = 1e9
@@ -128,7 +128,7 @@ KNOWN_CONFIGS = {
         "NousResearch/Llama-2-7b-hf",
     )
 }
-# README, Stage 2: "Expected GPU memory of the 7B presets" (estimates, per GPU).
+# docs/training.md: "Expected GPU memory of the 7B presets" (estimates, per GPU).
 README_7B_TABLE = {
     "lora": "alpaca_lora_7b: ~20 GB (~15.5 GB with gradient checkpointing)",
     "qlora": "qlora_7b: ~9-10 GB",
@@ -237,7 +237,7 @@ def memory_arithmetic(
     lora_targets: list[str] | None = None,
     world: int = 1,
 ) -> dict[str, Any]:
-    """Expected peak GPU memory per process, the README's Stage 2 arithmetic for any config.
+    """Expected peak GPU memory per process, the Stage 2 arithmetic of docs/training.md for any config.
 
     Components are tensors (compare with torch.cuda.max_memory_allocated); `total_gb` adds the
     fixed overhead (compare with nvidia-smi). Decimal GB.
@@ -1448,7 +1448,7 @@ def main(argv: list[str]) -> int:
             return 1
         reason = "no CUDA device" if detail else ""
     devices = (info or {}).get("devices", []) if not reason else []
-    gpus = args.gpus or len(devices) or 8  # the plan without GPUs shows the README's 8
+    gpus = args.gpus or len(devices) or 8  # the plan without GPUs shows docs/training.md's 8
     steps = build_plan(args, model, workdir, gpus)
     problems = validate_plan(steps)
     reference = devices[0]["name"] if devices else REFERENCE_GPU

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Ready for the first GPU? Runs Corral's own entry points on this CUDA machine and prints one
 # JSON report: bf16 LoRA and QLoRA steps, FSDP2 with a sharded checkpoint and resume=auto (2+
-# GPUs), peak memory against the README's arithmetic, tokens/s and MFU against the anchors, and
+# GPUs), peak memory against docs/training.md's arithmetic, tokens/s and MFU against the anchors, and
 # serving throughput. About 5 minutes with the embedded model; a 7B takes longer (--time-limit).
 #
 #   scripts/gpu_check.sh                                   # the embedded model (always present)

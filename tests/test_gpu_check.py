@@ -1,5 +1,5 @@
 """scripts/gpu_check.sh: on a machine without a GPU it prints its plan and exits 0; the plan's
-commands are valid; the memory arithmetic reproduces the README's 7B table; the worker that
+commands are valid; the memory arithmetic reproduces the 7B table of docs/training.md; the worker that
 records peak memory and tokens runs train.py unchanged."""
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ the stages load their heavy frameworks), and so is every string that names a pro
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -144,6 +145,10 @@ def test_every_package_is_walked_by_its_installed_name():
 def test_a_built_wheel_installs_one_namespace(tmp_path):
     """`pip install .` (not editable) gives `corral.*` only, with its data files; `import training`
     then fails and `corral --help` works."""
+    # Built from a copy: setuptools leaves a build/ folder in the tree it builds.
+    source = tmp_path / "source"
+    skipped = (".git", ".venv*", "build", "runs", "demo_output", "__pycache__", "*.egg-info")
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*skipped))
     build = subprocess.run(
         [
             sys.executable,
@@ -155,7 +160,7 @@ def test_a_built_wheel_installs_one_namespace(tmp_path):
             "-q",
             "-w",
             str(tmp_path / "dist"),
-            str(REPO),
+            str(source),
         ],
         capture_output=True,
         text=True,

@@ -94,7 +94,9 @@ def test_vllm_serves_a_merged_export_in_its_trained_format(merged_dolly, tmp_pat
                 messages=[{"role": "user", "content": question}],
                 temperature=0,
                 max_tokens=MAX_TOKENS,
-                stop=["### End"],  # a multi-token end marker is a stop string (README: vLLM)
+                stop=[
+                    "### End"
+                ],  # a multi-token end marker is a stop string (docs/at-scale.md: vLLM)
             )
             # The export's own chat template rendered exactly Corral's Dolly prompt.
             prompt_ids = encode_prompt(tokenizer, template, template.format_prompt(question))
