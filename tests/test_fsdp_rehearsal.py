@@ -1,7 +1,7 @@
 """FSDP2 on CPUs over gloo: the sharding a GPU cluster run depends on, rehearsed for real.
 
 Two processes launched by torchrun on 127.0.0.1 train LoRA on the tiny random LLaMA with each
-decoder layer and the root as FSDP units (scripts/fsdp_rehearsal.py), checkpoint at step 2, and
+decoder layer and the root as FSDP units (corral.training.fsdp_rehearsal), checkpoint at step 2, and
 consolidate the adapter; two new processes resume from the checkpoint; one process replays the same
 global batches unsharded. The sharding decisions are checked against accelerate's own policy, read
 from the same configs/accelerate/*.yaml a GPU run launches with.
@@ -22,7 +22,7 @@ from servers import free_port
 from corral.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "scripts" / "fsdp_rehearsal.py"
+REHEARSAL = "corral.training.fsdp_rehearsal"
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 FSDP_CONFIGS = [REPO / "configs/accelerate/fsdp.yaml", REPO / "configs/accelerate/two_nodes.yaml"]
 
@@ -39,7 +39,7 @@ def rehearse(*args: str, processes: int) -> dict:
         launcher = [sys.executable]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [*launcher, str(SCRIPT), *args],
+        [*launcher, "-m", REHEARSAL, *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -248,3 +248,62 @@ def test_export_and_serving_take_the_consolidated_adapter(rehearsal, tmp_path):
         with torch.no_grad():
             logits = loaded.model(input_ids=expected["input_ids"]).logits
         torch.testing.assert_close(logits, expected["logits"], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ one rank, here
+
+
+@pytest.fixture
+def one_rank_mesh():
+    """A process group of this test process alone: sharding functions run without a launcher."""
+    import torch.distributed as dist
+    from corral.training.sharding import join_cpu_process_group
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield join_cpu_process_group()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_checkpoint_of_another_lora_config_is_refused_in_one_line(
+    one_rank_mesh, tmp_path, tiny_model_path
+):
+    from corral.training.config import TrainConfig
+    from corral.training.model import build_model, build_optimizer, build_scheduler
+    from corral.training.sharding import (
+        consolidate_adapter,
+        load_sharded_checkpoint,
+        save_sharded_checkpoint,
+        shard_model_fsdp2,
+    )
+
+    from corral.errors import RunDirError, UsageError
+    from corral.models import load_tokenizer
+    from corral.templates import get_template
+
+    tokenizer = load_tokenizer("tiny-random")
+
+    def sharded(rank: int) -> tuple:
+        config = TrainConfig(model="tiny-random", precision="fp32", lora_r=rank, lora_dropout=0.0)
+        model = build_model(config, tokenizer, local_process_index=0)
+        shard_model_fsdp2(model, mesh=one_rank_mesh)
+        optimizer = build_optimizer(config, model)
+        return model, optimizer, build_scheduler(config, optimizer, 4)
+
+    model, optimizer, scheduler = sharded(8)
+    written = save_sharded_checkpoint(model, optimizer, scheduler, tmp_path, {"step": 1})
+    assert load_sharded_checkpoint(model, optimizer, scheduler, written) == {"step": 1}
+    with pytest.raises(RunDirError, match=r"checkpoint-1: does not match .*lora_A.* has shape"):
+        load_sharded_checkpoint(*sharded(4), written)
+    with pytest.raises(RunDirError, match="not a complete checkpoint folder"):
+        load_sharded_checkpoint(model, optimizer, scheduler, tmp_path)
+    with pytest.raises(UsageError, match="exists and is not an empty folder"):
+        consolidate_adapter(
+            model,
+            tmp_path,
+            tokenizer=tokenizer,
+            template=get_template("alpaca", tokenizer),
+            base_model="tiny-random",
+            max_length=64,
+        )

@@ -5,7 +5,7 @@ On GPUs, `accelerate launch --config_file configs/accelerate/fsdp.yaml train.py 
 model inside `accelerator.prepare`, from that file's `fsdp_config`. On CPUs accelerate turns the
 same file into plain DDP, so nothing of the sharding would run before a cluster does. The functions
 here apply torch's own `fully_shard` with the same decisions (read from the same file), so
-`scripts/fsdp_rehearsal.py` runs them over gloo on any machine: which modules are units, frozen
+`python -m corral.training.fsdp_rehearsal` runs them over gloo on any machine: which modules are units, frozen
 and trainable parameters sharded side by side, a sharded checkpoint and its exact resume, and the
 adapter consolidated on rank 0.
 
@@ -97,9 +97,10 @@ def join_cpu_process_group() -> Any:
       same (`wrapping_units`, from the same `fsdp_config`), except that accelerate (1.16) also
       gives the input embedding and the [final norm, lm_head] tail units of their own, a
       prefetching choice: what is sharded and what trains is unchanged;
-    - the rehearsal computes in fp32 (no MixedPrecisionPolicy), so its losses can be compared
-      with a one-process run to float tolerance; under bf16, accelerate casts for compute and
-      keeps the fp32 master weights that `shard_model_fsdp2` also keeps;
+    - the rehearsal computes without a MixedPrecisionPolicy: in fp32 by default, so its losses
+      can be compared with a one-process run to float tolerance, or with the frozen base in bf16
+      beside fp32 LoRA weights in each unit; under bf16 accelerate casts for compute and keeps
+      the fp32 master weights that `shard_model_fsdp2` keeps too;
     - `fsdp_cpu_ram_efficient_loading` (rank 0 reads the weights and broadcasts them) is not
       rehearsed: every rank reads the small model itself.
     """
@@ -266,11 +267,32 @@ def save_sharded_checkpoint(
     return final
 
 
+def check_checkpoint_matches(checkpoint: Path, model_state: dict[str, Any]) -> None:
+    """Every trainable tensor of the model is in the checkpoint, with its shape (read from the
+    checkpoint's metadata alone), or one line says which is not."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    for name, tensor in sorted(model_state.items()):
+        entry = saved.get(f"model.{name}")
+        if entry is None:
+            problem = f"{name} is missing"
+        elif tuple(entry.size) != tuple(tensor.shape):
+            problem = f"{name} has shape {tuple(entry.size)}, the model {tuple(tensor.shape)}"
+        else:
+            continue
+        raise RunDirError(
+            f"{checkpoint}: does not match the model being trained ({problem}); was it written "
+            "with another LoRA config?"
+        )
+
+
 def load_sharded_checkpoint(
     model: Any, optimizer: Any, scheduler: Any, checkpoint: str | os.PathLike
 ) -> dict[str, Any]:
     """Restore weights, optimizer and schedule from `checkpoint` on every rank; returns its
-    trainer state. The world size may differ from the run that wrote it (DCP reshards on load)."""
+    trainer state. DCP reshards on load, so another world size could resume it too (not
+    rehearsed: the tests resume on as many ranks as wrote it)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -278,14 +300,7 @@ def load_sharded_checkpoint(
     if not (checkpoint / TRAINER_STATE).is_file():
         raise RunDirError(f"{checkpoint}: not a complete checkpoint folder (no {TRAINER_STATE})")
     state = _training_state(model, optimizer, scheduler)
-    saved = set(dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)
-    expected = {f"model.{name}" for name in state["model"]}
-    if not expected <= saved:
-        missing = sorted(name.removeprefix("model.") for name in expected - saved)[:3]
-        raise RunDirError(
-            f"{checkpoint}: does not match the model being trained (missing e.g. {missing}); was "
-            "it written with another LoRA config?"
-        )
+    check_checkpoint_matches(checkpoint, state["model"])
     dcp.load(state, checkpoint_id=str(checkpoint))
     set_state_dict(
         model,

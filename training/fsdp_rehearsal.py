@@ -1,12 +1,14 @@
 """Rehearse Corral's FSDP path on CPUs: LoRA on a LLaMA, sharded by torch's FSDP2 over gloo.
 
+From the repository's root:
+
     # train 4 steps on 2 processes, checkpoint at step 2, consolidate the adapter at the end
-    torchrun --nproc_per_node 2 scripts/fsdp_rehearsal.py --out /tmp/fsdp --steps 4 --save-at 2
+    torchrun --nproc_per_node 2 -m corral.training.fsdp_rehearsal --out /tmp/fsdp --save-at 2
     # resume from that checkpoint in new processes: steps 3 and 4 again
-    torchrun --nproc_per_node 2 scripts/fsdp_rehearsal.py --out /tmp/fsdp-resumed --steps 4 \
+    torchrun --nproc_per_node 2 -m corral.training.fsdp_rehearsal --out /tmp/fsdp-resumed \
         --resume /tmp/fsdp/checkpoints/checkpoint-2
     # the same global batches in one process, unsharded: the losses to compare with
-    python scripts/fsdp_rehearsal.py --out /tmp/one --steps 4 --one-process 2
+    python -m corral.training.fsdp_rehearsal --out /tmp/one --one-process 2
 
 The sharding decisions come from an accelerate config (default configs/accelerate/fsdp.yaml, the
 file a GPU run launches with). The step is the training loop's SFT step (completion-only loss over
@@ -20,21 +22,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for checkpoints, adapter, probe")
     parser.add_argument("--model", default="tiny-random", help="tiny-random, embedded or a folder")
-    parser.add_argument("--data", default=str(REPO / "configs/training/smoke_alpaca.json"))
+    parser.add_argument("--data", default="configs/training/smoke_alpaca.json")
     parser.add_argument("--template", default="alpaca")
-    parser.add_argument("--accelerate-config", default=str(REPO / "configs/accelerate/fsdp.yaml"))
+    parser.add_argument(
+        "--accelerate-config",
+        default="configs/accelerate/fsdp.yaml",
+        help="the FSDP config a GPU run launches with: its wrapping decisions are repeated here",
+    )
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps in all")
     parser.add_argument("--save-at", type=int, nargs="*", default=[], help="checkpoint steps")
     parser.add_argument("--resume", default="", help="a checkpoint folder to continue from")
@@ -49,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: the frozen base in bf16 beside fp32 LoRA weights in each unit",
+    )
     return parser.parse_args(argv)
 
 
@@ -65,7 +76,7 @@ def training_config(args: argparse.Namespace) -> Any:
         lora_alpha=2 * args.lora_r,
         lora_dropout=0.0,
         lora_target_modules=["q_proj", "v_proj"],
-        precision="fp32",
+        precision=args.precision,
         packing=False,
         micro_batch_size=args.micro_batch_size,
         gradient_accumulation_steps=1,
@@ -104,6 +115,18 @@ class StepPlan:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from corral.errors import CorralError
+
+    args = parse_args(argv)
+    try:
+        return rehearse(args)
+    except CorralError as error:
+        print(f"fsdp_rehearsal: error: {error}", file=sys.stderr)
+        return 2
+
+
+def rehearse(args: argparse.Namespace) -> int:
+    """Train, checkpoint, resume, consolidate as `args` say; rank 0 prints the JSON summary."""
     import torch
     import torch.distributed as dist
     from accelerate.utils import set_seed
@@ -123,10 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     from safetensors.torch import save_file
 
+    from corral.errors import UsageError
     from corral.models import load_tokenizer, quiet_transformers
     from corral.templates import get_template
 
-    args = parse_args(argv)
     started = time.monotonic()
     config = training_config(args)
     out = Path(args.out)
@@ -135,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- processes: N ranks sharing one model, or one process standing in for N
     if sharded:
+        if "WORLD_SIZE" not in os.environ:
+            raise UsageError(
+                "launch the sharded rehearsal with torchrun --nproc_per_node N -m "
+                "corral.training.fsdp_rehearsal ..., or pass --one-process N to run unsharded"
+            )
         mesh = join_cpu_process_group()
         rank, world = dist.get_rank(), dist.get_world_size()
         ranks_here = [rank]
