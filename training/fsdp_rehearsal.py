@@ -299,6 +299,10 @@ def rehearse(args: argparse.Namespace) -> int:
             "losses": losses,
             "grads_only_on_trainable": grads_only_on_trainable,
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "dtypes": {
+                kind: sorted({str(p.dtype) for p in model.parameters() if p.requires_grad == grad})
+                for kind, grad in (("trainable", True), ("frozen", False))
+            },
             "checkpoints": checkpoints,
             "adapter": str(adapter),
             "probe": str(out / "probe.safetensors"),
