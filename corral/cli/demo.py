@@ -126,7 +126,7 @@ def dpo_step(out: Path, sft_run: Path, fresh: bool) -> Path:
     run_dir = out / "run_dpo"
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
-    preset = Path(__file__).resolve().parents[1] / "configs" / "training" / "dpo_smoke.yaml"
+    preset = Path(__file__).resolve().parents[2] / "configs" / "training" / "dpo_smoke.yaml"
     overrides = [
         f"init_adapter={sft_run}",
         f"template={DEMO_TEMPLATE}",  # the policy is asked as the SFT run learned
