@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 import torch
 from corral.inference.engine import GenerationEngine, GenerationEvent, GenerationResult
-from corral.inference.generation import encode_prompt, render_conversation
 from corral.inference.loading import LoadedModel
 from corral.inference.params import MAX_LOGPROBS, SamplingParams
 from fastapi import FastAPI, Request
@@ -31,6 +30,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from corral.served_tokens import served_prompt_ids
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 MAX_STOP_SEQUENCES = 16
@@ -407,10 +408,10 @@ class OpenAIServer:
             for m in messages
         ]
         try:
-            prompt = render_conversation(self.loaded, conversation)
+            # The one encoding of a conversation that training builds its examples from.
+            return served_prompt_ids(self.loaded.tokenizer, self.loaded.template, conversation)
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
-        return encode_prompt(self.loaded, prompt)
 
     def encode_raw(self, prompt: PromptItem, index: int) -> list[int]:
         """A completions prompt as token ids: text is tokenized, ids are checked."""
