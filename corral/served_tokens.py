@@ -14,6 +14,8 @@ joins the end of an answer with the text after it (or splits an answer different
 context), the next served prompt re-encodes the answer differently from the ids trained on. Then
 the untrained text is appended on its own and the departure is recorded (`ServedDeparture`), so a
 run can say which template and which boundary, once, when it starts.
+
+The price: a conversation with n answers encodes n growing prefixes instead of its text once.
 """
 
 from __future__ import annotations
