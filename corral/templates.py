@@ -10,7 +10,8 @@ the two cannot drift apart. A template turns an (instruction, input) pair, or a 
 
 Formats:
 - `alpaca`: Stanford Alpaca, with and without input; the answer ends with the tokenizer's EOS;
-- `dolly`: `### Instruction:` / `### Response:` / `### End`;
+- `dolly`: `### Instruction:` / `### Response:` / `### End`; optionally (`add_dolly_keys`) with
+  the three keys as special tokens of the tokenizer, as Dolly had them, so each is one id;
 - `vicuna`: Vicuna v1.1 (FastChat): a system line, then `USER: ... ASSISTANT: ...</s>` turns,
   the answer ending with the tokenizer's EOS;
 - `guanaco`: QLoRA's Guanaco: `### Human: ... ### Assistant: ...`, answers ending with EOS;
@@ -35,8 +36,11 @@ TEMPLATE_NAMES = ("alpaca", "dolly", "chat", "vicuna", "guanaco")
 SYSTEM_ROLES = ("system", "developer")
 
 ALPACA_RESPONSE_MARKER = "### Response:"
+DOLLY_INSTRUCTION_KEY = "### Instruction:"
 DOLLY_RESPONSE_MARKER = "### Response:"
 DOLLY_END_MARKER = "### End"
+# Dolly's keys, which Dolly itself added to the tokenizer as special tokens (see add_dolly_keys).
+DOLLY_KEYS = (DOLLY_INSTRUCTION_KEY, DOLLY_RESPONSE_MARKER, DOLLY_END_MARKER)
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
     "helpful, detailed, and polite answers to the user's questions."
@@ -417,10 +421,43 @@ def encode_prompt(tokenizer: Any, template: PromptTemplate, text: str) -> list[i
     return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
 
+def add_dolly_keys(tokenizer: Any) -> list[int]:
+    """Add Dolly's keys to `tokenizer` as special tokens, as Dolly did; return their ids.
+
+    Each key is then one id in every encoding: the end key is a stop token any engine honours (no
+    stop string), and the response key is found by id. The model needs an embedding row per new
+    id (corral.models.load_model grows the matrix to the tokenizer's length; training trains them).
+    """
+    missing = [key for key in DOLLY_KEYS if key not in tokenizer.all_special_tokens]
+    if missing:
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+        )
+    return [tokenizer.convert_tokens_to_ids(key) for key in DOLLY_KEYS]
+
+
+def dolly_key_ids(tokenizer: Any) -> list[int] | None:
+    """The ids of Dolly's keys when the tokenizer has them as special tokens, else None."""
+    if tokenizer is None or not all(key in tokenizer.all_special_tokens for key in DOLLY_KEYS):
+        return None
+    return [tokenizer.convert_tokens_to_ids(key) for key in DOLLY_KEYS]
+
+
 def get_template(
-    name: str, tokenizer: Any = None, *, eos_token: str | None = None
+    name: str,
+    tokenizer: Any = None,
+    *,
+    eos_token: str | None = None,
+    dolly_special_tokens: bool = False,
 ) -> PromptTemplate:
-    """The template called `name`; `alpaca` ends with the tokenizer's EOS, `chat` needs the tokenizer."""
+    """The template called `name`; `alpaca` ends with the tokenizer's EOS, `chat` needs the tokenizer.
+
+    `dolly_special_tokens` (dolly only) first adds Dolly's keys to the tokenizer as special tokens.
+    """
+    if dolly_special_tokens:
+        if name != "dolly" or tokenizer is None:
+            raise ValueError("dolly_special_tokens is an option of template 'dolly'")
+        add_dolly_keys(tokenizer)
     if name == "alpaca":
         eos = eos_token or getattr(tokenizer, "eos_token", None) or "</s>"
         return alpaca_template(eos)

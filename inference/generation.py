@@ -16,7 +16,7 @@ from corral.inference.extraction import ExtractedResponse, extract_response
 from corral.inference.loading import LoadedModel, load_for_inference
 from corral.inference.params import SamplingParams
 
-from corral import templates
+from corral import served_tokens, templates
 from corral.rundir import read_run_info
 
 
@@ -49,16 +49,10 @@ def render_conversation(loaded: LoadedModel, messages: Sequence[dict[str, str]])
     """The prompt for a conversation that ends with a user message, in the model's template.
 
     With the `chat` template the tokenizer's own chat template renders every turn; instruction
-    templates (alpaca, dolly) replay earlier turns in their own format
-    (`PromptTemplate.format_conversation`).
+    templates replay earlier turns in their own format. Training renders the prompts it trains on
+    with the same function (`corral.served_tokens`), so what is served is what was trained.
     """
-    if not messages or messages[-1].get("role") != "user":
-        raise ValueError("the last message must come from the user")
-    if loaded.template.name == "chat":
-        return loaded.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=True
-        )
-    return loaded.template.format_conversation(messages)
+    return served_tokens.render_conversation(loaded.tokenizer, loaded.template, messages)
 
 
 def answer_records(

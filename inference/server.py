@@ -2,7 +2,9 @@
 
 Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (both with
 `stream`, as server-sent events ending in `data: [DONE]`), `GET /health`, and a chat page at `/`.
-Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with 4xx for bad
+Both take vLLM's `return_token_ids` (not streamed): the reply carries the prompt's token ids as
+the model received them (`prompt_token_ids`) and the generated ids (`token_ids`). Errors use
+OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with 4xx for bad
 requests. Requests in flight share forward passes through the engine; a client that disconnects
 has its generation cancelled at the next step.
 """
@@ -21,7 +23,6 @@ from typing import Any, Literal
 
 import torch
 from corral.inference.engine import GenerationEngine, GenerationEvent, GenerationResult
-from corral.inference.generation import encode_prompt, render_conversation
 from corral.inference.loading import LoadedModel
 from corral.inference.params import MAX_LOGPROBS, SamplingParams
 from fastapi import FastAPI, Request
@@ -29,6 +30,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from corral.served_tokens import served_prompt_ids
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 MAX_STOP_SEQUENCES = 16
@@ -123,6 +126,15 @@ class _Request(BaseModel):
     logit_bias: dict[str, float] | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    # vLLM's extension: the prompt's token ids as the model received them, and the generated ids
+    # (so a client can check that a served prompt is the one a run was trained on).
+    return_token_ids: bool = False
+
+    def check_token_ids(self) -> None:
+        if self.return_token_ids and self.stream:
+            raise APIError(
+                400, "return_token_ids is available without streaming", param="return_token_ids"
+            )
 
     @field_validator("stop")
     @classmethod
@@ -396,10 +408,10 @@ class OpenAIServer:
             for m in messages
         ]
         try:
-            prompt = render_conversation(self.loaded, conversation)
+            # The one encoding of a conversation that training builds its examples from.
+            return served_prompt_ids(self.loaded.tokenizer, self.loaded.template, conversation)
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
-        return encode_prompt(self.loaded, prompt)
 
     def encode_raw(self, prompt: PromptItem, index: int) -> list[int]:
         """A completions prompt as token ids: text is tokenized, ids are checked."""
@@ -580,6 +592,7 @@ def create_app(server: OpenAIServer, *, max_request_bytes: int = 1_000_000) -> F
         server.check_api_key(request)
         server.check_model(body.model)
         prompt = server.encode_messages(body.messages)
+        body.check_token_ids()
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         if body.logprobs and body.stream:
@@ -603,21 +616,24 @@ def create_app(server: OpenAIServer, *, max_request_bytes: int = 1_000_000) -> F
         if results is None:
             return error_response(499, "client disconnected")
         result = results[0]
-        return {
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": result.text},
+            "finish_reason": _finish_reason(result),
+            "logprobs": _chat_logprobs(server, result) if body.logprobs else None,
+        }
+        reply = {
             "id": completion_id,
             "object": "chat.completion",
             "created": created,
             "model": server.model_name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result.text},
-                    "finish_reason": _finish_reason(result),
-                    "logprobs": _chat_logprobs(server, result) if body.logprobs else None,
-                }
-            ],
+            "choices": [choice],
             "usage": _usage(results),
         }
+        if body.return_token_ids:
+            reply["prompt_token_ids"] = list(prompt)
+            choice["token_ids"] = list(result.token_ids)
+        return reply
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -626,6 +642,7 @@ def create_app(server: OpenAIServer, *, max_request_bytes: int = 1_000_000) -> F
         texts = body.prompts()
         prompts = [server.encode_raw(t, i) for i, t in enumerate(texts)]
         scoring = body.echo and body.logprobs is not None
+        body.check_token_ids()
         if body.stream and (body.echo or body.logprobs is not None):
             raise APIError(
                 400, "echo and logprobs are not available when streaming", param="stream"
@@ -680,6 +697,9 @@ def create_app(server: OpenAIServer, *, max_request_bytes: int = 1_000_000) -> F
                     "logprobs": logprobs,
                 }
             )
+            if body.return_token_ids:
+                choices[-1]["prompt_token_ids"] = list(prompt)
+                choices[-1]["token_ids"] = list(result.token_ids[:keep])
         usage = _usage(results)
         if body.max_tokens == 0:  # the dropped token was not given to the client
             usage["completion_tokens"] = 0

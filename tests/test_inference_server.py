@@ -179,6 +179,12 @@ BAD_REQUESTS = [
     ),
     (b'{"model": "embedded", "messages": [{"role": "user", "content": "hi"}], "n": 3}', 400, None),
     (
+        b'{"model": "embedded", "messages": [{"role": "user", "content": "hi"}], "stream": true, '
+        b'"return_token_ids": true}',
+        400,
+        None,
+    ),
+    (
         b'{"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}',
         404,
         "model_not_found",

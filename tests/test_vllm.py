@@ -2,7 +2,8 @@
 
 Two runs are trained on the embedded model (Dolly and Alpaca formats). vLLM serves the merged
 export of one and the other as a LoRA module on the base, and answers through
-`/v1/chat/completions` with no prompt work by the client, greedily equal to `corral infer`. vLLM is
+`/v1/chat/completions` with no prompt work by the client, greedily equal to `corral infer`. A Dolly
+run with its keys as special tokens, merged, stops on the end key's id with no stop string. vLLM is
 also the teacher of a `corral generate` run.
 """
 
@@ -181,3 +182,39 @@ def test_vllm_is_a_teacher_for_corral_generate(base_with_lora, tmp_path):
     manifest = json.loads(output.with_name("alpaca_data.manifest.json").read_text())
     assert manifest["teacher"]["base_url"] == f"{base_with_lora}/v1"
     assert manifest["requests"] >= 1 and manifest["tokens"]["completion"] > 0
+
+
+@pytest.fixture(scope="module")
+def merged_dolly_special(tmp_path_factory, embedded_model_path) -> Path:
+    """The demo's Dolly run with Dolly's keys as special tokens (`dolly_special_tokens`), merged."""
+    from corral.training.demo import train_demo_adapter
+    from corral.training.export import merge_run
+
+    root = tmp_path_factory.mktemp("vllm_dolly_special")
+    run = train_demo_adapter(SMOKE_DATA, root / "run", epochs=3, dolly_special_tokens=True)
+    return merge_run(run, root / "merged")
+
+
+def test_vllm_stops_a_special_token_dolly_export_with_no_stop_string(
+    merged_dolly_special, tmp_path
+):
+    """`### End` is one token in this export and its generation_config lists it: vLLM stops on
+    the id by itself, where the default Dolly export needs `"stop": ["### End"]`."""
+    expected = corral_answers("--model", merged_dolly_special, tmp_path)
+    with vllm_server(merged_dolly_special, "--served-model-name", "special") as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=300)
+        replies = [
+            client.chat.completions.create(
+                model="special",
+                messages=[{"role": "user", "content": question}],
+                temperature=0,
+                max_tokens=MAX_TOKENS,
+            ).choices[0]
+            for question in QUESTIONS
+        ]
+    stopped = [reply for reply in replies if reply.finish_reason == "stop"]
+    assert len(stopped) >= len(QUESTIONS) - 1
+    assert all("### End" not in reply.message.content for reply in replies)
+    assert [reply.message.content.strip() for reply in stopped] == [
+        answer for answer, reply in zip(expected, replies, strict=True) if reply in stopped
+    ]

@@ -13,9 +13,10 @@ the loop.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from corral.errors import ConfigError
+from corral.templates import dolly_key_ids
 
 PREFERENCE_METHODS = ("dpo", "reward")  # trained on {prompt, chosen, rejected} pairs
 ADAPTER_METHODS = ("lora", "qlora", *PREFERENCE_METHODS)  # a LoRA adapter on a frozen base
@@ -43,6 +44,18 @@ class TrainConfig:
         metadata={
             "help": "prompt format from corral.templates; conversations (ShareGPT, OpenAI "
             "messages) are trained on every answer in it"
+        },
+    )
+    # Off by default: new tokens grow the vocabulary, so the run's embedding and output matrices
+    # no longer match its base (the adapter carries them, and the run cannot be served as a LoRA
+    # module on the unchanged base, as vLLM's --enable-lora does); and any text holding a key is
+    # read as that token. Today's runs stay plain adapters on their base.
+    dolly_special_tokens: bool = field(
+        default=False,
+        metadata={
+            "help": "template dolly: add `### Instruction:`, `### Response:` and `### End` to the "
+            "tokenizer as special tokens, as Dolly did; their embedding rows are trained and saved "
+            "with the run, and every engine stops on the end key's id (no stop string)"
         },
     )
     max_length: int = field(
@@ -234,8 +247,20 @@ class TrainConfig:
                 f"key 'train_on_inputs': method {self.method} compares answers to the same prompt; "
                 "the prompt is never trained (set it to false)"
             )
+        if self.dolly_special_tokens and self.template != "dolly":
+            raise ConfigError("key 'dolly_special_tokens': an option of template=dolly")
+        if self.dolly_special_tokens and self.method in PREFERENCE_METHODS:
+            raise ConfigError(
+                "key 'dolly_special_tokens': for supervised runs (method lora, qlora or full)"
+            )
         if self.method == "reward" and self.packing:
             raise ConfigError(
                 "key 'packing': a reward model reads each sequence's last token, one sequence per "
                 "row; set packing=false"
             )
+
+    def trainable_token_rows(self, tokenizer: Any) -> list[int] | None:
+        """Embedding rows an adapter trains besides LoRA: Dolly's keys, when they were added."""
+        if not self.dolly_special_tokens:
+            return None
+        return dolly_key_ids(tokenizer)

@@ -1,9 +1,10 @@
 """Training data: Alpaca records -> token ids with loss labels, validation split, batch plans.
 
 Pure Python over token-id lists (no torch), so masking and batching are tested in milliseconds.
-The prompt and the completion are tokenized separately and concatenated, so the boundary between
-"what the model is given" and "what it must learn to write" is exact for every tokenizer (no
-searching for a response marker that may tokenize differently in context).
+The prompt is encoded exactly as it is served and the completion on its own, and the two are
+concatenated (`corral.served_tokens.tokenize_turns`), so the boundary between "what the model is
+given" and "what it must learn to write" is exact for every tokenizer (no searching for a response
+marker that may tokenize differently in context).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from corral.records import (
     read_conversations,
     validate_alpaca_record,
 )
-from corral.templates import PromptTemplate, encode_prompt
+from corral.served_tokens import encode_answer, tokenize_turns
+from corral.templates import PromptTemplate
 
 IGNORE_INDEX = -100  # label value that carries no loss (PyTorch cross-entropy convention)
 
@@ -56,12 +58,22 @@ class TokenizationReport:
     dropped_too_long: int = 0
     longest: int = 0
     dropped_indices: list[int] = field(default_factory=list)
+    # Conversations whose served prompt is not a prefix of their training ids, and the first case.
+    served_departures: int = 0
+    departure: str = ""
 
     def summary(self) -> str:
-        return (
+        text = (
             f"{self.kept}/{self.total} examples kept, {self.truncated} truncated, "
             f"{self.dropped_too_long} dropped as too long (longest {self.longest} tokens)"
         )
+        if self.served_departures:
+            # One line, printed once where the run starts: the data summary is said there.
+            text += (
+                f"; warning: {self.served_departures} of {self.total} conversations are trained "
+                f"on other ids than the prompts served for them (first: {self.departure})"
+            )
+        return text
 
 
 def mask_prompt_tokens(
@@ -75,13 +87,7 @@ def mask_prompt_tokens(
 
 def encode_completion(tokenizer: Any, template: PromptTemplate, text: str) -> list[int]:
     """Token ids of answer + end marker; the EOS id is guaranteed last when EOS is the marker."""
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    eos_id = getattr(tokenizer, "eos_token_id", None)
-    if template.end_marker == getattr(tokenizer, "eos_token", None) and eos_id is not None:
-        # Some tokenizers do not parse special-token text inside a string: make the stop real.
-        if not ids or ids[-1] != eos_id:
-            ids.append(eos_id)
-    return ids
+    return encode_answer(tokenizer, template, text)
 
 
 def tokenize_record(
@@ -94,12 +100,16 @@ def tokenize_record(
     truncation: str = "drop",
     train_on_inputs: bool = False,
 ) -> tuple[TokenizedExample | None, str]:
-    """Tokenize one Alpaca record. Returns (example or None, "kept" | "truncated" | "too_long")."""
+    """Tokenize one Alpaca record. Returns (example or None, "kept" | "truncated" | "too_long").
+
+    The prompt's ids are the ones `infer` and `serve` send for the record (`tokenize_turns`).
+    """
     prompt, completion = template.format_example(
         record["instruction"], record.get("input", ""), record["output"]
     )
-    prompt_ids = encode_prompt(tokenizer, template, prompt)
-    completion_ids = encode_completion(tokenizer, template, completion)
+    built = tokenize_turns(tokenizer, template, [(prompt, completion)])
+    prompt_ids = built.input_ids[: built.answer_starts[0]]
+    completion_ids = built.input_ids[built.answer_starts[0] :]
     status = "kept"
     if len(prompt_ids) + len(completion_ids) > max_length:
         # Truncating needs room for at least one answer token after the prompt.

@@ -31,8 +31,9 @@ def carry_template_for_engines(
     - `generation_config.eos_token_id` lists every token that ends an answer (EOS, and the end
       marker when it is one token), so an engine stops where training taught the model to.
 
-    A multi-token end marker (Dolly's `### End`) cannot be a stop token; engines take it as a stop
-    string (the request's `stop` on vLLM, `PARAMETER stop` in an Ollama Modelfile).
+    A multi-token end marker (Dolly's `### End` by default) cannot be a stop token; engines take it
+    as a stop string (the request's `stop` on vLLM, `PARAMETER stop` in an Ollama Modelfile). A run
+    trained with `dolly_special_tokens` has it as one special token, listed here like EOS.
     """
     if template.name != "chat":
         tokenizer.chat_template = template.jinja_chat_template(bos_token=adds_bos(tokenizer))

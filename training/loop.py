@@ -325,7 +325,9 @@ def setup(config: TrainConfig, accelerator: Any) -> TrainingRun:
     # Data first: every data problem is reported here, before the model is loaded.
     with quiet_transformers():
         tokenizer = load_tokenizer(config.model)
-    template = get_template(config.template, tokenizer)
+    template = get_template(
+        config.template, tokenizer, dolly_special_tokens=config.dolly_special_tokens
+    )
     train_examples, val_examples, report = prepare_examples(config, tokenizer, template)
     unit = "pairs" if config.method in PREFERENCE_METHODS else "examples"
     say(

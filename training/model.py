@@ -189,6 +189,7 @@ def build_model(config: TrainConfig, tokenizer: Any, *, local_process_index: int
                 lora_dropout=config.lora_dropout,
                 target_modules=lora_target_modules(config),
                 use_dora=config.use_dora,
+                trainable_token_indices=config.trainable_token_rows(tokenizer),
                 bias="none",
                 # SEQ_CLS makes peft train the `score` head in full and save it with the adapter.
                 task_type="SEQ_CLS" if config.method == "reward" else "CAUSAL_LM",

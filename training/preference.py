@@ -56,6 +56,7 @@ from corral.training.data import (
 
 from corral.errors import RecordError, RunDirError
 from corral.records import iter_json_objects
+from corral.served_tokens import tokenize_turns
 from corral.templates import PromptTemplate, encode_prompt
 
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
@@ -159,11 +160,13 @@ def tokenize_pair(
 ) -> tuple[PreferencePair | None, str]:
     """Tokenize one pair. Returns (pair or None, "kept" | "truncated" | "too_long")."""
     prompt = template.format_prompt(record["prompt"], record.get("input", ""))
-    prompt_ids = encode_prompt(tokenizer, template, prompt)
-    answers = [
-        encode_completion(tokenizer, template, template.format_completion(record[key]))
+    # Each answer after the prompt as `infer` and `serve` send it: one builder for every example.
+    built = [
+        tokenize_turns(tokenizer, template, [(prompt, template.format_completion(record[key]))])
         for key in ("chosen", "rejected")
     ]
+    prompt_ids = built[0].input_ids[: built[0].answer_starts[0]]
+    answers = [tokens.input_ids[tokens.answer_starts[0] :] for tokens in built]
     status = "kept"
     if len(prompt_ids) + max(len(ids) for ids in answers) > max_length:
         if truncation != "truncate" or len(prompt_ids) >= max_length:
