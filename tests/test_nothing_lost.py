@@ -1,0 +1,169 @@
+"""Nothing paid for is lost, nothing written is false: damaged journals, finished datasets and
+changed settings are refused in one line, with nothing dropped or rewritten."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from corral.data_gen.manifest import run_paths
+from openai_test_server import OpenAITestServer
+
+from corral.cli import main as corral_main
+from corral.records import read_alpaca
+
+
+def generate_args(server: OpenAITestServer, output, *extra: str, n: int = 12) -> list[str]:
+    return [
+        "generate",
+        "--base-url",
+        server.base_url,
+        "--model",
+        "canned-teacher",
+        "--num-instructions",
+        str(n),
+        "--output",
+        str(output),
+        "--no-progress",
+        "concurrency=2",
+        "requests_per_batch=2",
+        "tasks_per_request=6",
+        "backoff_base=0.01",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def server():
+    """One teacher for the module: its URL is part of a run's fingerprint."""
+    with OpenAITestServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def finished_run(server, tmp_path_factory):
+    """A finished run's files (bytes), to copy into each test."""
+    folder = tmp_path_factory.mktemp("finished")
+    output = folder / "data.json"
+    assert corral_main(generate_args(server, output)) == 0
+    return {path.name: path.read_bytes() for path in run_paths(output)}
+
+
+def restore(files: dict[str, bytes], folder) -> tuple:
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return run_paths(folder / "data.json")
+
+
+# ------------------------------------------------------------------ 1. damaged journals
+
+
+def _task_line(lines: list[str]) -> int:
+    """Index of a task line with committed rounds after it (the middle of the journal)."""
+    tasks = [i for i, line in enumerate(lines) if json.loads(line)["kind"] == "task"]
+    return tasks[len(tasks) // 2]
+
+
+DAMAGE = {
+    "invalid JSON": lambda line: line[: len(line) // 2],
+    "a list": lambda line: "[]",
+    "a string": lambda line: '"hello"',
+    "a task without instruction": lambda line: json.dumps({"kind": "task", "instances": []}),
+    "a task whose instances are not records": lambda line: json.dumps(
+        {"kind": "task", "instruction": "Name two rivers.", "instances": ["Nile"]}
+    ),
+    "a batch without batch_id": lambda line: json.dumps({"kind": "batch", "key": "k"}),
+    "a commit with a non-numeric round": lambda line: json.dumps(
+        {"kind": "commit", "round": "three", "tasks": 1}
+    ),
+    "an unknown kind": lambda line: json.dumps({"kind": "note"}),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_line_in_the_middle_of_a_journal_is_refused(
+    server, damage, finished_run, tmp_path, capsys
+):
+    output, journal, manifest = restore(finished_run, tmp_path)
+    output.unlink()  # killed before the dataset was written: the rerun must read the journal
+    lines = journal.read_text().splitlines()
+    at = _task_line(lines)
+    lines[at] = DAMAGE[damage](lines[at])
+    journal.write_text("\n".join(lines) + "\n")
+    before = journal.read_bytes()
+    before_requests = server.stats["requests"]
+    code = corral_main(generate_args(server, output))
+    assert server.stats["requests"] == before_requests
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{journal}: line {at + 1}:" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert journal.read_bytes() == before  # nothing dropped, nothing rewritten
+    assert not output.exists()
+
+
+def test_only_a_torn_last_piece_is_dropped(server, finished_run, tmp_path, capsys):
+    output, journal, _ = restore(finished_run, tmp_path)
+    output.unlink()
+    committed = journal.read_bytes()
+    journal.write_bytes(committed + b'{"kind": "task", "instruction": "Half a li')
+    before_requests = server.stats["requests"]
+    assert corral_main(generate_args(server, output)) == 0
+    assert server.stats["requests"] == before_requests  # every committed round was kept
+    assert journal.read_bytes() == committed
+    assert len(read_alpaca(output)) == 12
+
+
+# ------------------------------------------------------------------ 2. a finished dataset
+
+
+@pytest.mark.parametrize("left", ["output", "manifest"])
+def test_a_finished_dataset_without_its_journal_is_not_replaced(
+    server, left, finished_run, tmp_path, capsys
+):
+    output, journal, manifest = restore(finished_run, tmp_path)
+    journal.unlink()
+    (manifest if left == "output" else output).unlink()
+    kept = (output if left == "output" else manifest).read_bytes()
+    before_requests = server.stats["requests"]
+    code = corral_main(generate_args(server, output, n=5))
+    assert server.stats["requests"] == before_requests
+    err = capsys.readouterr().err
+    assert code == 2 and "--overwrite" in err and "journal" in err
+    assert (output if left == "output" else manifest).read_bytes() == kept
+    assert not journal.exists()
+    assert corral_main([*generate_args(server, output, n=5), "--overwrite"]) == 0
+    assert len(read_alpaca(output)) == 5
+
+
+# ------------------------------------------------------------------ 3. changed settings
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("temperature=0.5", "temperature: 1.0 -> 0.5"),
+        ("top_p=0.9", "top_p: 1.0 -> 0.9"),
+        ("tasks_per_request=8", "tasks_per_request: 6 -> 8"),
+        ("max_tokens=512", "max_tokens: 3072 -> 512"),
+        ("min_instruction_words=6", "min_instruction_words: 4 -> 6"),
+        ("blocklist=[]", "blocklist: "),
+    ],
+)
+def test_a_changed_setting_is_refused_naming_it(
+    override, named, server, finished_run, tmp_path, capsys
+):
+    output, journal, manifest = restore(finished_run, tmp_path)
+    before = {p: p.read_bytes() for p in (output, journal, manifest)}
+    code = corral_main([*generate_args(server, output), override])
+    err = capsys.readouterr().err
+    assert code == 2 and named in err, err
+    assert {p: p.read_bytes() for p in before} == before  # the manifest does not lie
+
+
+def test_speed_settings_may_change_on_resume(server, finished_run, tmp_path):
+    output, journal, manifest = restore(finished_run, tmp_path)
+    args = generate_args(server, output, "concurrency=4", "max_retries=2", n=16)
+    assert corral_main(args) == 0
+    assert len(read_alpaca(output)) == 16
+    assert json.loads(manifest.read_text())["resumed"] is True
