@@ -19,7 +19,7 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -490,32 +490,28 @@ class OpenAIBatchTeacher(OpenAICompatibleTeacher):
             time.sleep(self.poll_seconds)
 
     def _results(self, batch: Any, count: int) -> list[Completion | FailedRequest]:
-        import json
-
-        client = self._client_sync()
         results: list[Completion | FailedRequest] = [
             FailedRequest(f"batch {batch.status}: no answer") for _ in range(count)
         ]
         for file_id in (batch.output_file_id, batch.error_file_id):
             if not file_id:
                 continue
-            for raw in client.files.content(file_id).text.splitlines():
-                if not raw.strip():
-                    continue
-                line = json.loads(raw)
-                index = int(str(line.get("custom_id", "")).rsplit("-", 1)[-1])
-                response = line.get("response") or {}
+            for index, line in self._batch_lines(batch.id, file_id, count):
+                response = line.get("response")
+                response = response if isinstance(response, dict) else {}
                 if response.get("status_code") == 200:
                     try:
                         results[index] = self._completion_from(response["body"])
-                    except (KeyError, TypeError, ValueError, IndexError):
+                    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
                         results[index] = FailedRequest("malformed_reply")
-                else:
-                    error = line.get("error") or (response.get("body") or {}).get("error") or {}
-                    results[index] = FailedRequest(
-                        f"{error.get('code') or response.get('status_code')}: "
-                        f"{error.get('message', '')}"
-                    )
+                    continue
+                body = response.get("body")
+                error = line.get("error") or (body.get("error") if isinstance(body, dict) else None)
+                error = error if isinstance(error, dict) else {}
+                results[index] = FailedRequest(
+                    f"{error.get('code') or response.get('status_code')}: "
+                    f"{error.get('message', '')}"
+                )
         for result in results:
             if isinstance(result, Completion):
                 self.stats.completions += 1
@@ -531,11 +527,56 @@ class OpenAIBatchTeacher(OpenAICompatibleTeacher):
                 self.stats.errors[kind] = self.stats.errors.get(kind, 0) + 1
         return results
 
+    def _batch_lines(self, batch_id: str, file_id: str, count: int) -> Iterator[tuple[int, dict]]:
+        """(request index, line) for each readable line of a batch's result file. A line that is
+        not a JSON object or names no request of this batch is reported in one line and skipped
+        (its request counts as failed); every other answer, already paid for, is kept."""
+        import json
+
+        text = self._client_sync().files.content(file_id).text
+        for number, raw in enumerate(text.splitlines(), start=1):
+            if not raw.strip():
+                continue
+            problem = None
+            try:
+                line = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                problem = f"not valid JSON ({exc.msg})"
+            else:
+                if not isinstance(line, dict):
+                    problem = f"expected a JSON object, got {type(line).__name__}"
+                else:
+                    custom_id = line.get("custom_id")
+                    index = _request_index(custom_id, count)
+                    if index is None:
+                        problem = (
+                            f"custom_id {custom_id!r} names no request of this batch "
+                            f"(request-0 .. request-{count - 1})"
+                        )
+            if problem is not None:
+                self.log(
+                    f"batch {batch_id}: result file {file_id} line {number}: {problem}; "
+                    "skipped (its request counts as failed)"
+                )
+                continue
+            yield index, line
+
     def close(self) -> None:
         if self._sync_client is not None:
             self._sync_client.close()
             self._sync_client = None
         super().close()
+
+
+def _request_index(custom_id: Any, count: int) -> int | None:
+    """The request a batch result line answers (`request-<i>`, 0 <= i < count), or None."""
+    if not isinstance(custom_id, str) or not custom_id.startswith("request-"):
+        return None
+    digits = custom_id.removeprefix("request-")
+    if not digits.isascii() or not digits.isdigit():
+        return None
+    index = int(digits)
+    return index if index < count else None
 
 
 def _short(exc: Exception) -> str:
