@@ -159,11 +159,12 @@ def write_alpaca(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> 
     path = Path(path)
     records = list(records)
     with atomic_open(path) as handle:
+        # allow_nan=False: NaN and Infinity are not JSON; no reader after us could load them.
         if path.suffix.lower() == ".jsonl":
             for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                handle.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
         else:
-            json.dump(records, handle, ensure_ascii=False, indent=2)
+            json.dump(records, handle, ensure_ascii=False, indent=2, allow_nan=False)
             handle.write("\n")
     return len(records)
 

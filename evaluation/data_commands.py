@@ -30,7 +30,7 @@ OUTPUT.partial.jsonl: re-running the same command resumes. Then: corral audit SC
 def run_audit(args: argparse.Namespace) -> int:
     import json
 
-    from corral.evaluation.audit import audit_records, format_audit
+    from corral.evaluation.audit import audit_records, check_scores, format_audit
 
     from corral.errors import UsageError
     from corral.fileio import check_output_path
@@ -40,6 +40,8 @@ def run_audit(args: argparse.Namespace) -> int:
         inputs = (args.data, args.eval_set, args.seed_tasks)
         check_output_path(args.fix, inputs=inputs, what="--fix output")
     records = read_alpaca(args.data)
+    if args.min_score is not None or args.fix is not None:
+        check_scores(records, args.data)
     if args.min_score is not None and not 1.0 <= args.min_score <= 5.0:
         raise UsageError(f"--min-score must be within 1..5, got {args.min_score}")
     result = audit_records(
