@@ -136,7 +136,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if config.mode == "preferences":
         if args.estimate:
             raise UsageError("--estimate covers the alpaca, self-instruct and conversations modes")
-        return _preferences(config, args.progress)
+        return _preferences(config, args.progress, args.overwrite)
     if args.estimate:
         return _estimate(config, args.estimate_probes)
     try:
@@ -152,14 +152,20 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preferences(config, progress: bool) -> int:
+def _preferences(config, progress: bool, overwrite: bool) -> int:
+    from corral.data_gen.journal import FingerprintMismatch
     from corral.data_gen.preferences import generate_preferences, judgments_path
     from corral.data_gen.teachers import TeacherError
 
     from corral.errors import UsageError
 
     try:
-        manifest = generate_preferences(config, progress=progress)
+        manifest = generate_preferences(config, progress=progress, overwrite=overwrite)
+    except FingerprintMismatch as exc:
+        raise UsageError(
+            f"{config.output}: an earlier run with different settings left its journal ({exc}); "
+            "re-run with --overwrite to start over, or choose another --output"
+        ) from None
     except TeacherError as exc:
         raise UsageError(str(exc)) from None
     counts = manifest["counts"]

@@ -124,6 +124,21 @@ class GenerateConfig:
         default=6, metadata=_help("retries per request on 429, 5xx, timeouts, malformed replies")
     )
     request_timeout: float = field(default=120.0, metadata=_help("seconds per request attempt"))
+    teacher_patience: float = field(
+        default=60.0,
+        metadata=_help(
+            "stop the run when the teacher has given no usable answer for this many seconds of "
+            "waiting (a hung or failing endpoint); 0 = never. Raise it above the time one answer "
+            "takes on a slow endpoint"
+        ),
+    )
+    max_failures_in_a_row: int = field(
+        default=0,
+        metadata=_help(
+            "stop the run when this many request attempts in a row failed (HTTP 5xx, timeouts, "
+            "malformed replies; 429s are waited out); 0 = 4 x concurrency, at least 16"
+        ),
+    )
     backoff_base: float = field(
         default=0.5, metadata=_help("first retry waits about this long (s); doubles per retry")
     )

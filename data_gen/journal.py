@@ -50,8 +50,16 @@ class FingerprintMismatch(ValueError):
 
 
 class Journal:
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        task_problem: Callable[[dict[str, Any]], str | None] | None = None,
+    ) -> None:
+        """`task_problem(entry)`: what is wrong with a task line, or None (default: a generated
+        task with instances or a conversation)."""
         self.path = Path(path)
+        self.task_problem = task_problem or generated_task_problem
         self._handle = None
 
     def open(self, fingerprint: dict[str, Any]) -> JournalState:
@@ -85,7 +93,7 @@ class Journal:
         for raw in data.split(b"\n")[:-1]:  # the piece after the last newline is torn
             line_no += 1
             offset += len(raw) + 1
-            entry = _parse_entry(self.path, raw, line_no)
+            entry = _parse_entry(self.path, raw, line_no, self.task_problem)
             kind = entry["kind"]
             if line_no == 1:
                 if kind != "header":
@@ -134,13 +142,15 @@ class Journal:
 
 _REQUIRED_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "header": {"fingerprint": (dict,)},
-    "task": {"instruction": (str,)},
+    "task": {},
     "batch": {"key": (str,), "batch_id": (str,)},
     "commit": {"round": (int,)},
 }
 
 
-def _parse_entry(path: Path, raw: bytes, line_no: int) -> dict[str, Any]:
+def _parse_entry(
+    path: Path, raw: bytes, line_no: int, task_problem: Callable[[dict[str, Any]], str | None]
+) -> dict[str, Any]:
     """One complete journal line, checked for what resuming reads from it."""
 
     def refuse(reason: str) -> RecordError:
@@ -166,14 +176,17 @@ def _parse_entry(path: Path, raw: bytes, line_no: int) -> dict[str, Any]:
         value = entry.get(name)
         if not isinstance(value, types) or isinstance(value, bool):
             raise refuse(f"a {kind} entry needs '{name}' ({types[0].__name__}), got {value!r}")
-    if kind == "task":
-        _check_task(entry, refuse)
+    problem = task_problem(entry) if kind == "task" else None
+    if problem:
+        raise refuse(problem)
     return entry
 
 
-def _check_task(entry: dict[str, Any], refuse: Callable[[str], RecordError]) -> None:
-    """A task holds instances (input, output) or a conversation (role, content): what the
-    dataset is written from."""
+def generated_task_problem(entry: dict[str, Any]) -> str | None:
+    """A generated task holds its instruction and instances (input, output) or a conversation
+    (role, content): what the dataset is written from."""
+    if not isinstance(entry.get("instruction"), str):
+        return f"a task entry needs 'instruction' (str), got {entry.get('instruction')!r}"
     if "conversation" in entry:
         turns = entry["conversation"]
         if not isinstance(turns, list) or not all(
@@ -182,14 +195,15 @@ def _check_task(entry: dict[str, Any], refuse: Callable[[str], RecordError]) -> 
             )
             for t in turns
         ):  # fmt: skip
-            raise refuse("a task's 'conversation' must be a list of {role, content}")
-        return
+            return "a task's 'conversation' must be a list of {role, content}"
+        return None
     instances = entry.get("instances")
     if not isinstance(instances, list) or not all(
         isinstance(i, dict) and isinstance(i.get("input"), str) and isinstance(i.get("output"), str)
         for i in instances
     ):
-        raise refuse("a task's 'instances' must be a list of {input, output} strings")
+        return "a task's 'instances' must be a list of {input, output} strings"
+    return None
 
 
 def _changed_settings(old: dict[str, Any], new: dict[str, Any], version: Any) -> str:

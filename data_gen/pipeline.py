@@ -82,6 +82,8 @@ def build_teacher(config: GenerateConfig) -> Any:
             backoff_cap=config.backoff_cap,
             price_per_1k_prompt_tokens=config.price_per_1k_prompt_tokens,
             price_per_1k_completion_tokens=config.price_per_1k_completion_tokens,
+            patience=config.teacher_patience,
+            max_failures_in_a_row=config.max_failures_in_a_row,
         )
         try:
             teacher.check_reachable()  # before the first paid request, not after 50 rounds
@@ -633,6 +635,13 @@ def _run_rounds(
         dynamic_ncols=True,
         file=sys.stderr,
     )
+
+    def show_errors(_error: str) -> None:
+        # As they happen, not once a round: a failing teacher shows at once.
+        bar.set_postfix(kept=len(tasks), errors=sum(gen.teacher.stats.errors.values()))
+
+    if progress and hasattr(gen.teacher, "on_error"):
+        gen.teacher.on_error = show_errors
     try:
         while len(tasks) < target:
             round_no += 1
@@ -682,6 +691,8 @@ def _run_rounds(
                 )
     finally:
         bar.close()
+        if progress and hasattr(gen.teacher, "on_error"):
+            gen.teacher.on_error = None
     return tasks
 
 
@@ -696,7 +707,7 @@ def estimate_generation(
     it also checks against everything kept, which drops more as the pool grows, so the requests
     and cost are a lower bound and the run's manifest sets the actual figures beside these.
     """
-    from corral.data_gen.teachers import TeacherStats
+    from corral.data_gen.teachers import TeacherError, TeacherStats
 
     seeds, seeds_info = load_seeds(config)
     own_teacher = teacher is None
@@ -714,6 +725,13 @@ def estimate_generation(
     finally:
         if own_teacher:
             teacher.close()
+    if stats.requests and not stats.completions:
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(stats.errors.items())) or "none"
+        where = teacher_info.get("base_url") or teacher_info.get("model")
+        raise TeacherError(
+            f"the teacher at {where} answered none of the {probes} probe requests "
+            f"({stats.requests} attempts; errors: {errors}): no estimate"
+        )
     requests = max(stats.requests, 1)
     kept_per_request = len(accepted) / requests
     target = config.num_instructions

@@ -99,6 +99,7 @@ def _score(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             price_per_1k_prompt_tokens=args.price_prompt,
             price_per_1k_completion_tokens=args.price_completion,
+            patience=args.patience,
         )
         try:
             teacher.check_reachable()
@@ -124,9 +125,15 @@ def _score(args: argparse.Namespace) -> int:
         + f" -> {args.output}"
     )
     if summary.unscored:
+        failed = summary.cost.get("failed_requests", 0)
+        why = (
+            f"{failed} requests to the judge failed after every retry, the other replies held none"
+            if failed
+            else "the judge's replies held none"
+        )
         print(
-            f"corral: error: {summary.unscored} records got no score (the judge's replies held "
-            "none); they are kept with score null, and --min-score drops them",
+            f"corral: error: {summary.unscored} records got no score ({why}); they are kept "
+            "with score null, and --min-score drops them",
             file=sys.stderr,
         )
         return 1
@@ -170,6 +177,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument("--price-prompt", type=float, default=0.0, help="USD per 1K prompt tokens")
     score.add_argument(
         "--price-completion", type=float, default=0.0, help="USD per 1K completion tokens"
+    )
+    score.add_argument(
+        "--patience",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="stop when the judge endpoint has given no usable answer for this long (default 60)",
     )
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     score.set_defaults(func=run_score)

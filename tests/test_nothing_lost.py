@@ -167,3 +167,70 @@ def test_speed_settings_may_change_on_resume(server, finished_run, tmp_path):
     assert corral_main(args) == 0
     assert len(read_alpaca(output)) == 16
     assert json.loads(manifest.read_text())["resumed"] is True
+
+
+# ------------------------------------------------------------------ 7. a teacher that fails
+
+
+def test_a_teacher_that_answers_500_to_everything_stops_the_run(tmp_path, capsys):
+    import time
+
+    output = tmp_path / "data.json"
+    _, journal, _ = run_paths(output)
+    # Two good rounds of two requests, then HTTP 500 forever.
+    with OpenAITestServer(faults=[None] * 4 + ["500"] * 5000) as server:
+        started = time.monotonic()
+        args = [a for a in generate_args(server, output, n=200) if a != "--no-progress"]
+        code = corral_main(args)
+        seconds = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert code == 2 and seconds < 30
+    line = [text for text in err.splitlines() if text.startswith("corral: error:")]
+    assert len(line) == 1 and server.base_url in line[0] and "HTTP 500" in line[0]
+    assert "failed the last 16 requests in a row" in line[0]
+    # The progress bar showed the errors as they came, before the run stopped.
+    assert "errors=" in err
+    # What was answered before is journaled and resumes.
+    entries = [json.loads(x) for x in journal.read_text().splitlines()]
+    commits = [entry for entry in entries if entry["kind"] == "commit"]
+    assert len(commits) >= 2 and commits[1]["tasks"] > 0
+    assert sum(1 for entry in entries if entry["kind"] == "task") == commits[-1]["tasks"]
+
+
+def test_a_teacher_that_never_answers_stops_after_its_patience(tmp_path, capsys):
+    import time
+
+    output = tmp_path / "data.json"
+    with OpenAITestServer(faults=["slow"] * 50, slow_seconds=20) as server:
+        started = time.monotonic()
+        args = generate_args(server, output, "teacher_patience=2", "request_timeout=120")
+        code = corral_main(args)
+        seconds = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert code == 2 and seconds < 15, seconds
+    assert f"the teacher at {server.base_url} gave no usable answer for 2 s" in err
+    assert "no request has come back" in err and len(err.strip().splitlines()) == 1
+
+
+def test_estimate_against_a_failing_teacher_exits_non_zero(tmp_path, capsys):
+    output = tmp_path / "data.json"
+    with OpenAITestServer(faults=["500"] * 500) as server:
+        code = corral_main([*generate_args(server, output), "max_retries=1", "--estimate"])
+    err = capsys.readouterr().err
+    assert code == 2 and server.base_url in err, err
+    assert "answered none of the 4 probe requests (8 attempts; errors: http_500 8)" in err
+    assert not (tmp_path / "data.estimate.json").exists()
+
+
+def test_a_judge_that_answers_500_stops_score_naming_it(tmp_path, capsys):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "output": str(i)} for i in range(40)]))
+    with OpenAITestServer(faults=["500"] * 500) as server:
+        code = corral_main(
+            ["score", str(data), "--output", str(tmp_path / "scored.json"), "--judge-base-url",
+             server.base_url, "--judge-model", "j", "--quiet"]
+        )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and server.base_url in err and "HTTP 500" in err, err
+    assert "replies held none" not in err
+    assert not (tmp_path / "scored.json").exists()
