@@ -167,6 +167,14 @@ def check_output_path(
         raise UsageError(f"{path}: {existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{path}: cannot write in {existing} (permission denied)")
+    # The permission bits say yes to root everywhere, also where nothing can be written (/proc,
+    # a read-only mount): create and remove a file to know.
+    try:
+        probe, probe_path = tempfile.mkstemp(dir=existing, prefix=".corral-write-check-")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write in {existing} ({exc.strerror or exc})") from None
+    os.close(probe)
+    os.unlink(probe_path)
     return path
 
 

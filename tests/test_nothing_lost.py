@@ -4,6 +4,7 @@ changed settings are refused in one line, with nothing dropped or rewritten."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from corral.data_gen.manifest import run_paths
@@ -234,3 +235,65 @@ def test_a_judge_that_answers_500_stops_score_naming_it(tmp_path, capsys):
     assert code == 2 and server.base_url in err and "HTTP 500" in err, err
     assert "replies held none" not in err
     assert not (tmp_path / "scored.json").exists()
+
+
+# ------------------------------------------------------------------ 8. one line, not a traceback
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("corral: error: ") and "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_an_output_in_a_folder_nothing_can_be_written_to_is_one_line(tmp_path, capsys):
+    """Root passes every permission check; /proc takes no new files from anyone."""
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": "Say hi.", "output": "hi"}]))
+    assert corral_main(["dedup", str(data), "--output", "/proc/corral-out.json"]) == 2
+    assert "cannot write in /proc" in one_error_line(capsys.readouterr().err)
+
+
+def test_an_unknown_model_name_offline_is_one_line_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"instruction": "Say hi."}) + "\n")
+    argv = ["infer", "--model", "does-not/exist-xyz", "--input", str(data), "--output",
+            str(tmp_path / "out.jsonl")]  # fmt: skip
+    assert corral_main(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "does-not/exist-xyz: no such model folder" in line and "offline" in line
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_serve_finds_a_port_in_use_before_loading_the_model(capsys):
+    import socket
+    import time
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        started = time.monotonic()
+        # A model that would take long to load, or not load at all: the port is checked first.
+        code = corral_main(["serve", "--model", "does-not/exist-xyz", "--port", str(port)])
+        seconds = time.monotonic() - started
+    finally:
+        taken.close()
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and f"127.0.0.1:{port}: cannot listen there" in line
+    assert "choose another --port" in line and seconds < 5
+
+
+def test_a_corrupt_lineage_sidecar_is_one_line_in_report(server, finished_run, tmp_path, capsys):
+    from corral.data_gen.lineage import lineage_path
+
+    output, _, _ = restore(finished_run, tmp_path)
+    lineage = lineage_path(output)
+    lineage.write_text('{"seed_tasks": ["seed_task_0"]}\n{"seed_tasks": ["seed_t\n')
+    code = corral_main(["report", str(output), "--output", str(tmp_path / "r.html")])
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and f"{lineage}: line 2: not valid JSON" in line
+    assert not (tmp_path / "r.html").exists()
