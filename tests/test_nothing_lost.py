@@ -297,3 +297,41 @@ def test_a_corrupt_lineage_sidecar_is_one_line_in_report(server, finished_run, t
     line = one_error_line(capsys.readouterr().err)
     assert code == 2 and f"{lineage}: line 2: not valid JSON" in line
     assert not (tmp_path / "r.html").exists()
+
+
+# ------------------------------------------------------------------ 9. weights and the umask
+
+
+def test_weights_follow_the_umask_in_runs_checkpoints_and_merges(tmp_path):
+    """safetensors creates 0600 files; every other output follows the umask, weights too."""
+    import stat
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from corral.training.export import merge_run
+
+    repo = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    umask = 0o002  # a group-shared run folder
+    result = subprocess.run(
+        [sys.executable, "-c", f"import os, runpy, sys; os.umask({umask}); sys.argv = sys.argv[1:];"
+         " runpy.run_path('train.py', run_name='__main__')", "train.py", "--config",
+         "configs/training/smoke.yaml", "model=tiny-random", f"output_dir={run}",
+         "report_to=[none]", "max_steps=2", "save_steps=1", "val_size=0"],
+        cwd=repo, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    previous = os.umask(umask)
+    try:
+        merged = merge_run(run, tmp_path / "merged")
+    finally:
+        os.umask(previous)
+    weights = [
+        run / "adapter_model.safetensors",
+        *sorted((run / "checkpoints").rglob("*.safetensors")),
+        merged / "model.safetensors",
+    ]
+    assert len(weights) >= 3 and all(path.is_file() for path in weights)
+    modes = {path.relative_to(tmp_path): oct(stat.S_IMODE(path.stat().st_mode)) for path in weights}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
