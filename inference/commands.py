@@ -223,6 +223,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_batch_size=config.max_batch_size,
         default_max_tokens=config.default_max_tokens,
         max_request_bytes=config.max_request_bytes,
+        max_prompts_per_request=config.max_prompts_per_request,
         threads=config.threads,
         cores=cores,
     )

@@ -335,3 +335,66 @@ def test_weights_follow_the_umask_in_runs_checkpoints_and_merges(tmp_path):
     assert len(weights) >= 3 and all(path.is_file() for path in weights)
     modes = {path.relative_to(tmp_path): oct(stat.S_IMODE(path.stat().st_mode)) for path in weights}
     assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+# ------------------------------------------------------------------ 10. the server's limits
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_model_path):
+    from corral.inference.loading import load_for_inference
+    from corral.inference.server import build_server
+    from servers import app_on_a_thread
+
+    loaded = load_for_inference("tiny-random", template="alpaca")
+    app = build_server(loaded, model_name="tiny", max_batch_size=4, max_prompts_per_request=8)
+    with app_on_a_thread(app) as base:
+        yield base
+
+
+def test_a_completions_request_holds_at_most_the_cap_of_prompts(tiny_server):
+    import httpx
+
+    body = {"model": "tiny", "max_tokens": 1, "temperature": 0}
+    over = httpx.post(f"{tiny_server}/v1/completions", json={**body, "prompt": ["hi"] * 9})
+    assert over.status_code == 400
+    error = over.json()["error"]
+    assert error["param"] == "prompt" and "at most 8 prompts per request, got 9" in error["message"]
+    at_cap = httpx.post(f"{tiny_server}/v1/completions", json={**body, "prompt": ["hi"] * 8})
+    assert at_cap.status_code == 200 and len(at_cap.json()["choices"]) == 8
+
+
+@pytest.mark.parametrize(
+    "path, field, value",
+    [
+        ("chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("chat/completions", "tool_choice", "required"),
+        ("chat/completions", "response_format", {"type": "json_object"}),
+        ("completions", "best_of", 3),
+        ("completions", "suffix", " and so on."),
+    ],
+)
+def test_fields_the_server_does_not_honour_are_400_naming_them(tiny_server, path, field, value):
+    import httpx
+
+    body = {"model": "tiny", "max_tokens": 1}
+    body |= {"prompt": "hi"} if path == "completions" else {"messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+    refused = httpx.post(f"{tiny_server}/v1/{path}", json={**body, field: value})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == field
+    assert f"'{field}' is not supported" in refused.json()["error"]["message"]
+    # Their neutral values (what some clients always send) change nothing and pass.
+    neutral = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+               "best_of": 1, "suffix": ""}[field]  # fmt: skip
+    assert httpx.post(f"{tiny_server}/v1/{path}", json={**body, field: neutral}).status_code == 200
+
+
+def test_logit_bias_is_honoured(tiny_server):
+    import httpx
+
+    body = {"model": "tiny", "max_tokens": 3, "temperature": 0, "prompt": "hi"}
+    plain = httpx.post(f"{tiny_server}/v1/completions", json=body).json()
+    forced = httpx.post(
+        f"{tiny_server}/v1/completions", json={**body, "logit_bias": {"42": 100}}
+    ).json()
+    assert forced["choices"][0]["text"] != plain["choices"][0]["text"]
+    assert forced["usage"]["completion_tokens"] == 3
