@@ -20,6 +20,8 @@ Presets: configs/data_gen/alpaca.yaml and self_instruct.yaml (the papers' settin
 endpoint), embedded_demo.yaml (the small embedded model on a CPU, a few minutes).
 """
 
+MAX_ESTIMATE_PROBES = 100
+
 DEDUP_DESCRIPTION = """\
 Drop near-duplicate instructions from an Alpaca file with the ROUGE-L novelty filter: a record is
 kept if its instruction's ROUGE-L F-measure against every earlier kept instruction is at most the
@@ -87,7 +89,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "it); generates nothing",
     )
     gen.add_argument(
-        "--estimate-probes", type=int, default=4, metavar="N", help="probe requests (default 4)"
+        "--estimate-probes",
+        type=int,
+        default=4,
+        metavar="N",
+        help=f"probe requests (default 4, at most {MAX_ESTIMATE_PROBES}: each is paid)",
     )
     gen.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     gen.set_defaults(func=run_generate)
@@ -188,8 +194,12 @@ def _estimate(config, probes: int) -> int:
     from corral.errors import UsageError
     from corral.fileio import atomic_write_text, check_output_path
 
-    if probes < 1:
-        raise UsageError("--estimate-probes must be at least 1")
+    if not 1 <= probes <= MAX_ESTIMATE_PROBES:
+        raise UsageError(
+            f"--estimate-probes must be within 1..{MAX_ESTIMATE_PROBES}, got {probes}: each probe "
+            "is a paid request, and past ~100 the estimate's spread (about 1/sqrt(probes)) "
+            "hardly narrows; the run's manifest records the actual figures"
+        )
     path = check_output_path(estimate_path(config.output), inputs=(config.seed_tasks_path(),))
     try:
         estimate = estimate_generation(config, probes=probes)

@@ -235,6 +235,11 @@ class GenerateConfig:
             raise ValueError("turns must be at least 1")
         if not 0.0 <= self.rouge_threshold <= 1.0:
             raise ValueError("rouge_threshold must be within [0, 1]")
+        for name in ("price_per_1k_prompt_tokens", "price_per_1k_completion_tokens"):
+            if not getattr(self, name) >= 0:  # also refuses NaN
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.teacher_patience < 0 or self.max_failures_in_a_row < 0:
+            raise ValueError("teacher_patience and max_failures_in_a_row must be 0 or more")
         if self.concurrency < 1 or self.local_batch_size < 1:
             raise ValueError("concurrency and local_batch_size must be at least 1")
         if self.local_dtype not in ("auto", "float32", "bfloat16"):

@@ -78,6 +78,12 @@ def run_score(args: argparse.Namespace) -> int:
     from corral.fileio import check_output_path, exclusive_output
     from corral.records import read_alpaca
 
+    for flag, price in (
+        ("--price-prompt", args.price_prompt),
+        ("--price-completion", args.price_completion),
+    ):
+        if not price >= 0:  # also refuses NaN
+            raise UsageError(f"{flag} must be 0 or more, got {price}")
     if (args.judge is None) == (args.judge_base_url is None):
         raise UsageError("give --judge (a local model) or --judge-base-url (an endpoint)")
     check_output_path(args.output, inputs=(args.input,))
