@@ -229,10 +229,11 @@ def test_a_judge_that_answers_500_stops_score_naming_it(tmp_path, capsys):
     with OpenAITestServer(faults=["500"] * 500) as server:
         code = corral_main(
             ["score", str(data), "--output", str(tmp_path / "scored.json"), "--judge-base-url",
-             server.base_url, "--judge-model", "j", "--quiet"]
+             server.base_url, "--judge-model", "j"]
         )  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and server.base_url in err and "HTTP 500" in err, err
+    assert "errors=" in err  # the progress bar counted them as they came
     assert "replies held none" not in err
     assert not (tmp_path / "scored.json").exists()
 
