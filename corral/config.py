@@ -112,7 +112,12 @@ def _coerce(value: Any, annotation: Any, source: str, key: str) -> Any:
 
 
 def _apply(
-    values: dict[str, Any], cls: type, source: str, hints: dict[str, Any], out: dict[str, Any]
+    values: dict[str, Any],
+    cls: type,
+    source: str,
+    hints: dict[str, Any],
+    out: dict[str, Any],
+    sources: dict[str, str],
 ) -> None:
     names = {f.name for f in dataclasses.fields(cls)}
     for key, value in values.items():
@@ -121,6 +126,18 @@ def _apply(
             hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
             raise ConfigError(f"{source}: unknown key '{key}'{hint}")
         out[key] = _coerce(value, hints[key], source, key)
+        sources[key] = source
+
+
+def _blamed_source(message: str, sources: dict[str, str], fallback: str) -> str:
+    """Where the keys a validation message names were set (an override, the command line, the
+    preset), so the error points at what the user typed; `fallback` when it names none."""
+    named = [
+        sources[key]
+        for key in sorted(sources, key=message.find)
+        if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message)
+    ]
+    return ", ".join(dict.fromkeys(named)) or fallback
 
 
 def _beside_preset(data: dict[str, Any], cls: type, folder: Path) -> dict[str, Any]:
@@ -147,6 +164,7 @@ def load_config(
     """Build `cls` from defaults, then the YAML file, then `explicit` values, then `key=value` overrides."""
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # key -> where its value came from (the last one wins)
     if path is not None:
         path = Path(path)
         try:
@@ -157,15 +175,17 @@ def load_config(
             raise ConfigError(f"{path}: invalid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of key: value")
-        _apply(_beside_preset(data, cls, path.parent), cls, str(path), hints, values)
-    _apply({k: v for k, v in explicit.items() if v is not None}, cls, "command line", hints, values)
+        _apply(_beside_preset(data, cls, path.parent), cls, str(path), hints, values, sources)
+    given = {k: v for k, v in explicit.items() if v is not None}
+    _apply(given, cls, "command line", hints, values, sources)
     for text in overrides:
         key, value = parse_override(text)
-        _apply({key: value}, cls, f"override {text!r}", hints, values)
+        _apply({key: value}, cls, f"override {text!r}", hints, values, sources)
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{path or 'config'}: {exc}") from None
+        source = _blamed_source(str(exc), sources, str(path or "config"))
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

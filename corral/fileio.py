@@ -36,6 +36,18 @@ def current_umask() -> int:
     return mask
 
 
+def weights_follow_umask(folder: str | os.PathLike) -> None:
+    """Give the `*.safetensors` files under `folder` the permissions of any other output.
+
+    safetensors creates its files 0600 whatever the umask, so a shared run folder or a server
+    running as another user could read every file of a run but its weights.
+    """
+    mode = 0o666 & ~current_umask()
+    for path in Path(folder).rglob("*.safetensors"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_uid == os.geteuid():
+            path.chmod(mode)
+
+
 def _temporary_prefix(target: Path) -> str:
     # The writer's pid in the name: the next writer can tell a dead writer's leftovers.
     return f".{target.name}.{os.getpid()}."
@@ -167,6 +179,14 @@ def check_output_path(
         raise UsageError(f"{path}: {existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{path}: cannot write in {existing} (permission denied)")
+    # The permission bits say yes to root everywhere, also where nothing can be written (/proc,
+    # a read-only mount): create and remove a file to know.
+    try:
+        probe, probe_path = tempfile.mkstemp(dir=existing, prefix=".corral-write-check-")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write in {existing} ({exc.strerror or exc})") from None
+    os.close(probe)
+    os.unlink(probe_path)
     return path
 
 

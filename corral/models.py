@@ -155,7 +155,38 @@ def resolve_model(name: str) -> str:
         return str(path)
     if not _HUB_ID.fullmatch(name):
         raise ModelNotFoundError(f"{name}: no such model folder")
-    return name  # a hub id such as meta-llama/Llama-2-7b-hf; transformers fetches it where it can
+    _check_hub_model(name)
+    return name  # a hub id such as meta-llama/Llama-2-7b-hf, cached or reachable
+
+
+def _check_hub_model(name: str) -> None:
+    """Refuse, in one line and before anything is loaded, a hub id that is neither in the local
+    cache nor on a reachable hub (a typo, or an offline machine)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        hf_hub_download(name, "config.json")
+    except RemoteEntryNotFoundError:
+        return  # the repository exists without config.json (an adapter): transformers decides
+    except GatedRepoError:
+        reason = "the Hub gates it: log in (`hf auth login`) and accept its license first"
+    except RepositoryNotFoundError:
+        reason = "the Hugging Face Hub has no such model (or it is private)"
+    except LocalEntryNotFoundError:
+        reason = "not in the Hugging Face cache, and the Hub cannot be reached (offline?)"
+    except Exception as exc:  # noqa: BLE001 - any other failure of the hub client: not usable
+        text = " ".join(str(exc).split())
+        reason = f"the Hub cannot give it ({type(exc).__name__}: {text[:160]})"
+    raise ModelNotFoundError(
+        f"{name}: no such model folder, and {reason}; give a model folder, `embedded`, "
+        "or a cached or reachable hub id"
+    )
 
 
 def cpu_has_native_bf16() -> bool:

@@ -27,6 +27,8 @@ from corral.errors import RecordError
 from corral.fileio import atomic_open
 
 ALPACA_FIELDS = ("instruction", "input", "output")
+# Dolly 15k's names for two of them.
+DOLLY_FIELDS = {"input": "context", "output": "response"}
 
 
 @dataclass
@@ -120,21 +122,36 @@ def validate_alpaca_record(
     A Dolly 15k record (`context`, `response`) is read as Alpaca: context -> input, response ->
     output.
     """
+    for alpaca, dolly in DOLLY_FIELDS.items():
+        if alpaca in obj and dolly in obj:
+            raise RecordError(
+                path,
+                f"holds both '{alpaca}' (Alpaca) and '{dolly}' (Dolly), which mean the same: "
+                "keep one",
+                field=dolly,
+                **location,
+            )
+    # What the user's file calls each field, for the errors.
+    named = {name: name for name in ALPACA_FIELDS}
     if "instruction" in obj and "output" not in obj and "response" in obj:
+        named |= DOLLY_FIELDS
         obj = {k: v for k, v in obj.items() if k not in ("context", "response")} | {
-            "input": obj.get("context", obj.get("input", "")),
             "output": obj["response"],
+            **({"input": obj["context"]} if "context" in obj else {}),
         }
     for name in ALPACA_FIELDS:
         required = name == "instruction" or (name == "output" and require_output)
         if name not in obj:
             if required:
-                raise RecordError(path, "missing required field", field=name, **location)
+                raise RecordError(path, "missing required field", field=named[name], **location)
             continue
         value = obj[name]
         if not isinstance(value, str):
             raise RecordError(
-                path, f"expected a string, got {type(value).__name__}", field=name, **location
+                path,
+                f"expected a string, got {type(value).__name__}",
+                field=named[name],
+                **location,
             )
     if not obj["instruction"].strip():
         raise RecordError(path, "instruction is empty", field="instruction", **location)
@@ -159,11 +176,12 @@ def write_alpaca(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> 
     path = Path(path)
     records = list(records)
     with atomic_open(path) as handle:
+        # allow_nan=False: NaN and Infinity are not JSON; no reader after us could load them.
         if path.suffix.lower() == ".jsonl":
             for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                handle.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
         else:
-            json.dump(records, handle, ensure_ascii=False, indent=2)
+            json.dump(records, handle, ensure_ascii=False, indent=2, allow_nan=False)
             handle.write("\n")
     return len(records)
 
@@ -305,6 +323,14 @@ def conversation_from_record(
     obj: dict[str, Any], path: str | os.PathLike, loc: dict[str, int]
 ) -> dict[str, Any]:
     """One record (ShareGPT, OpenAI messages, or Alpaca/Dolly) as {"messages", ...extra keys}."""
+    if "conversations" in obj and "messages" in obj:
+        raise RecordError(
+            path,
+            "holds both 'conversations' (ShareGPT) and 'messages' (OpenAI): which one is the "
+            "conversation? keep one",
+            field="messages",
+            **loc,
+        )
     if "conversations" in obj or "messages" in obj:
         key = "conversations" if "conversations" in obj else "messages"
         messages = _check_order(_turns(obj, path, loc), path, loc, key)

@@ -20,6 +20,8 @@ Presets: configs/data_gen/alpaca.yaml and self_instruct.yaml (the papers' settin
 endpoint), embedded_demo.yaml (the small embedded model on a CPU, a few minutes).
 """
 
+MAX_ESTIMATE_PROBES = 100
+
 DEDUP_DESCRIPTION = """\
 Drop near-duplicate instructions from an Alpaca file with the ROUGE-L novelty filter: a record is
 kept if its instruction's ROUGE-L F-measure against every earlier kept instruction is at most the
@@ -87,7 +89,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "it); generates nothing",
     )
     gen.add_argument(
-        "--estimate-probes", type=int, default=4, metavar="N", help="probe requests (default 4)"
+        "--estimate-probes",
+        type=int,
+        default=4,
+        metavar="N",
+        help=f"probe requests (default 4, at most {MAX_ESTIMATE_PROBES}: each is paid)",
     )
     gen.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     gen.set_defaults(func=run_generate)
@@ -136,7 +142,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if config.mode == "preferences":
         if args.estimate:
             raise UsageError("--estimate covers the alpaca, self-instruct and conversations modes")
-        return _preferences(config, args.progress)
+        return _preferences(config, args.progress, args.overwrite)
     if args.estimate:
         return _estimate(config, args.estimate_probes)
     try:
@@ -152,14 +158,20 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preferences(config, progress: bool) -> int:
+def _preferences(config, progress: bool, overwrite: bool) -> int:
+    from corral.data_gen.journal import FingerprintMismatch
     from corral.data_gen.preferences import generate_preferences, judgments_path
     from corral.data_gen.teachers import TeacherError
 
     from corral.errors import UsageError
 
     try:
-        manifest = generate_preferences(config, progress=progress)
+        manifest = generate_preferences(config, progress=progress, overwrite=overwrite)
+    except FingerprintMismatch as exc:
+        raise UsageError(
+            f"{config.output}: an earlier run with different settings left its journal ({exc}); "
+            "re-run with --overwrite to start over, or choose another --output"
+        ) from None
     except TeacherError as exc:
         raise UsageError(str(exc)) from None
     counts = manifest["counts"]
@@ -182,8 +194,12 @@ def _estimate(config, probes: int) -> int:
     from corral.errors import UsageError
     from corral.fileio import atomic_write_text, check_output_path
 
-    if probes < 1:
-        raise UsageError("--estimate-probes must be at least 1")
+    if not 1 <= probes <= MAX_ESTIMATE_PROBES:
+        raise UsageError(
+            f"--estimate-probes must be within 1..{MAX_ESTIMATE_PROBES}, got {probes}: each probe "
+            "is a paid request, and past ~100 the estimate's spread (about 1/sqrt(probes)) "
+            "hardly narrows; the run's manifest records the actual figures"
+        )
     path = check_output_path(estimate_path(config.output), inputs=(config.seed_tasks_path(),))
     try:
         estimate = estimate_generation(config, probes=probes)

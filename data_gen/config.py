@@ -124,6 +124,21 @@ class GenerateConfig:
         default=6, metadata=_help("retries per request on 429, 5xx, timeouts, malformed replies")
     )
     request_timeout: float = field(default=120.0, metadata=_help("seconds per request attempt"))
+    teacher_patience: float = field(
+        default=60.0,
+        metadata=_help(
+            "stop the run when the teacher has given no usable answer for this many seconds of "
+            "waiting (a hung or failing endpoint); 0 = never. Raise it above the time one answer "
+            "takes on a slow endpoint"
+        ),
+    )
+    max_failures_in_a_row: int = field(
+        default=0,
+        metadata=_help(
+            "stop the run when this many request attempts in a row failed (HTTP 5xx, timeouts, "
+            "malformed replies; 429s are waited out); 0 = 4 x concurrency, at least 16"
+        ),
+    )
     backoff_base: float = field(
         default=0.5, metadata=_help("first retry waits about this long (s); doubles per retry")
     )
@@ -220,6 +235,11 @@ class GenerateConfig:
             raise ValueError("turns must be at least 1")
         if not 0.0 <= self.rouge_threshold <= 1.0:
             raise ValueError("rouge_threshold must be within [0, 1]")
+        for name in ("price_per_1k_prompt_tokens", "price_per_1k_completion_tokens"):
+            if not getattr(self, name) >= 0:  # also refuses NaN
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.teacher_patience < 0 or self.max_failures_in_a_row < 0:
+            raise ValueError("teacher_patience and max_failures_in_a_row must be 0 or more")
         if self.concurrency < 1 or self.local_batch_size < 1:
             raise ValueError("concurrency and local_batch_size must be at least 1")
         if self.local_dtype not in ("auto", "float32", "bfloat16"):

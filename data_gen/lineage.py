@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from corral.errors import RecordError
 from corral.fileio import atomic_open
 from corral.rouge import rouge_tokens
 
@@ -115,8 +116,19 @@ def write_lineage(
 def records_per_seed(path: str | os.PathLike) -> Counter:
     """How many kept records each seed task's presence in a prompt led to (from a lineage file)."""
     counts: Counter = Counter()
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                counts.update(json.loads(line).get("seed_tasks") or [])
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecordError(path, f"cannot read the lineage file: {exc}") from None
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RecordError(path, f"not valid JSON ({exc.msg})", line=line_no) from None
+        seeds = entry.get("seed_tasks") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or not isinstance(seeds, list | None):
+            raise RecordError(path, "expected an object whose seed_tasks is a list", line=line_no)
+        counts.update(seed if isinstance(seed, str | int) else str(seed) for seed in seeds or [])
     return counts

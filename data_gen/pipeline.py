@@ -31,6 +31,7 @@ from corral.data_gen.teachers import Completion, FailedRequest, OpenAIBatchTeach
 
 from corral.config import config_to_dict
 from corral.contamination import ContaminationIndex
+from corral.errors import UsageError
 from corral.fileio import atomic_write_text, check_output_path, exclusive_output
 from corral.records import SeedTask, read_seed_tasks, write_alpaca
 from corral.rouge import RougeNoveltyIndex
@@ -81,6 +82,8 @@ def build_teacher(config: GenerateConfig) -> Any:
             backoff_cap=config.backoff_cap,
             price_per_1k_prompt_tokens=config.price_per_1k_prompt_tokens,
             price_per_1k_completion_tokens=config.price_per_1k_completion_tokens,
+            patience=config.teacher_patience,
+            max_failures_in_a_row=config.max_failures_in_a_row,
         )
         try:
             teacher.check_reachable()  # before the first paid request, not after 50 rounds
@@ -126,8 +129,35 @@ def teacher_identity(config: GenerateConfig) -> dict[str, Any]:
     return {"kind": "local", "model": config.model, "api": config.api}
 
 
+# Settings that change what the teacher is asked or what is kept: a journal made with other
+# values is not resumed (the data would mix two settings under a manifest naming one). The target
+# count, concurrency, round size, retries, timeouts, prices and the local dtype may change.
+ASKED_SETTINGS = (
+    "turns",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "presence_penalty",
+    "repetition_penalty",
+    "num_prompt_instructions",
+    "tasks_per_request",
+    "num_human_demos",
+    "num_machine_demos",
+    "max_bootstrap_tasks",
+    "classification_examples",
+    "instance_examples",
+    "instance_max_tokens",
+    "instance_temperature",
+    "instance_presence_penalty",
+    "max_instances",
+    "min_instruction_words",
+    "max_instruction_words",
+    "blocklist",
+)
+
+
 def run_fingerprint(config: GenerateConfig, seeds_info: dict[str, Any]) -> dict[str, Any]:
-    """What must match for a journal to be resumed (the target count and speed knobs may change)."""
+    """What must match for a journal to be resumed: the run's identity and `ASKED_SETTINGS`."""
     return {
         "mode": config.mode,
         "seed_tasks_sha256_16": seeds_info["sha256_16"],
@@ -136,7 +166,13 @@ def run_fingerprint(config: GenerateConfig, seeds_info: dict[str, Any]) -> dict[
         "seed": config.seed,
         # Only when set, so journals from before the option existed still resume.
         **({"eval_set_sha256_16": _sha256_16(Path(config.eval_set))} if config.eval_set else {}),
+        **{name: _plain(getattr(config, name)) for name in ASKED_SETTINGS},
     }
+
+
+def _plain(value: Any) -> Any:
+    """A setting as it reads back from the journal's JSON (tuples become lists)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _sha256_16(path: Path) -> str:
@@ -473,6 +509,16 @@ def _generate(
     seeds, seeds_info = load_seeds(config)
     output_path, journal_path, manifest_path = run_paths(config.output)
     fresh = overwrite or not journal_path.exists()
+    if fresh and not overwrite:
+        finished = [p for p in (output_path, manifest_path) if p.exists()]
+        if finished:
+            # Without its journal a finished dataset cannot be resumed or checked against these
+            # settings: replacing it would discard what was paid for.
+            raise UsageError(
+                f"{finished[0]}: a dataset is already there and its journal "
+                f"{journal_path.name} is gone, so the run cannot be resumed; re-run with "
+                "--overwrite to replace it, or choose another --output"
+            )
     own_teacher = teacher is None
     if own_teacher and fresh:
         # A new run needs the teacher: reach it before deleting or creating any file.
@@ -589,6 +635,13 @@ def _run_rounds(
         dynamic_ncols=True,
         file=sys.stderr,
     )
+
+    def show_errors(_error: str) -> None:
+        # As they happen, not once a round: a failing teacher shows at once.
+        bar.set_postfix(kept=len(tasks), errors=sum(gen.teacher.stats.errors.values()))
+
+    if progress and hasattr(gen.teacher, "on_error"):
+        gen.teacher.on_error = show_errors
     try:
         while len(tasks) < target:
             round_no += 1
@@ -638,6 +691,8 @@ def _run_rounds(
                 )
     finally:
         bar.close()
+        if progress and hasattr(gen.teacher, "on_error"):
+            gen.teacher.on_error = None
     return tasks
 
 
@@ -652,7 +707,7 @@ def estimate_generation(
     it also checks against everything kept, which drops more as the pool grows, so the requests
     and cost are a lower bound and the run's manifest sets the actual figures beside these.
     """
-    from corral.data_gen.teachers import TeacherStats
+    from corral.data_gen.teachers import TeacherError, TeacherStats
 
     seeds, seeds_info = load_seeds(config)
     own_teacher = teacher is None
@@ -670,6 +725,13 @@ def estimate_generation(
     finally:
         if own_teacher:
             teacher.close()
+    if stats.requests and not stats.completions:
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(stats.errors.items())) or "none"
+        where = teacher_info.get("base_url") or teacher_info.get("model")
+        raise TeacherError(
+            f"the teacher at {where} answered none of the {probes} probe requests "
+            f"({stats.requests} attempts; errors: {errors}): no estimate"
+        )
     requests = max(stats.requests, 1)
     kept_per_request = len(accepted) / requests
     target = config.num_instructions

@@ -104,8 +104,10 @@ def _build_judge(config: GenerateConfig) -> Any:
     return LocalJudge(config.model)
 
 
-def generate_preferences(config: GenerateConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) a preferences run; returns its manifest."""
+def generate_preferences(
+    config: GenerateConfig, *, progress: bool = True, overwrite: bool = False
+) -> dict[str, Any]:
+    """Run (or resume) a preferences run; returns its manifest. `overwrite` starts over."""
     if not config.preference_prompts:
         raise UsageError("mode preferences needs preference_prompts=FILE (the instructions)")
     prompts_path = Path(config.preference_prompts)
@@ -114,6 +116,16 @@ def generate_preferences(config: GenerateConfig, *, progress: bool = True) -> di
         check_output_path(path, inputs=(prompts_path,))
     records = read_alpaca(prompts_path, require_output=False)[: config.num_instructions]
     with exclusive_output(output, what="dataset"):
+        if overwrite:
+            for path in (journal_path, manifest_path, output, judgments_path(output)):
+                path.unlink(missing_ok=True)
+        finished = [p for p in (output, manifest_path) if p.exists()]
+        if finished and not journal_path.exists():
+            raise UsageError(
+                f"{finished[0]}: a dataset is already there and its journal "
+                f"{journal_path.name} is gone, so the run cannot be resumed; re-run with "
+                "--overwrite to replace it, or choose another --output"
+            )
         return _run(config, records, prompts_path, progress)
 
 
@@ -132,8 +144,12 @@ def _run(
         "answer_sources": list(config.answer_sources),
         "judge": [config.judge, config.judge_base_url, config.judge_model],
         "seed": config.seed,
+        **{
+            name: getattr(config, name)
+            for name in ("temperature", "top_p", "max_tokens", "presence_penalty")
+        },
     }
-    journal = Journal(journal_path)
+    journal = Journal(journal_path, task_problem=_pair_problem)
     state = journal.open(fingerprint)
     done = int(state.last_commit.get("prompts_done", 0))
     counts: Counter = Counter(state.last_commit.get("counts", {}))
@@ -193,6 +209,16 @@ def _run(
 
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return manifest
+
+
+def _pair_problem(entry: dict[str, Any]) -> str | None:
+    """What is wrong with a journaled preference pair (what the output is written from)."""
+    for name in ("prompt", "chosen", "rejected"):
+        if not isinstance(entry.get(name), str):
+            return f"a pair needs '{name}' (str), got {entry.get(name)!r}"
+    if not isinstance(entry.get("judgment"), dict):
+        return f"a pair needs 'judgment' (an object), got {entry.get('judgment')!r}"
+    return None
 
 
 def _judge_round(

@@ -19,13 +19,18 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
 class TeacherError(RuntimeError):
     """The teacher cannot be used at all (bad key, unknown model, endpoint down): stop the run."""
+
+
+_RESUME_HINT = (
+    "What was kept is journaled: re-run the same command once the teacher works to resume"
+)
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,8 @@ class OpenAICompatibleTeacher(_CountsUsage):
         backoff_cap: float = 30.0,
         price_per_1k_prompt_tokens: float = 0.0,
         price_per_1k_completion_tokens: float = 0.0,
+        patience: float = 60.0,
+        max_failures_in_a_row: int = 0,
     ) -> None:
         if api not in ("chat", "completions"):
             raise ValueError(f"api must be 'chat' or 'completions', got {api!r}")
@@ -171,6 +178,11 @@ class OpenAICompatibleTeacher(_CountsUsage):
         self.backoff_cap = backoff_cap
         self.price_per_1k_prompt_tokens = price_per_1k_prompt_tokens
         self.price_per_1k_completion_tokens = price_per_1k_completion_tokens
+        self.patience = patience
+        # Many requests in flight all meet a short outage at once: the count scales with them.
+        self.max_failures_in_a_row = max_failures_in_a_row or max(16, 4 * concurrency)
+        # Called with the error's name each time an attempt fails (a progress bar shows it).
+        self.on_error: Any = None
         self.reset_stats()
         self._api_key = api_key
         self._rng = random.Random()
@@ -181,6 +193,13 @@ class OpenAICompatibleTeacher(_CountsUsage):
         # Requests that gave up on connection errors since the last success: a teacher that went
         # away stops the run instead of failing every remaining request one by one.
         self._unreachable_in_a_row = 0
+        # A teacher that hangs or fails everything stops the run (`_check_alive`): attempts that
+        # failed since the last answer (429s aside), and seconds spent waiting on requests since
+        # the last answer, summed over calls (time between calls is the run's own work).
+        self._failures_in_a_row = 0
+        self._last_failure = ""
+        self._stalled_before = 0.0
+        self._stall_mark = 0.0
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -248,14 +267,55 @@ class OpenAICompatibleTeacher(_CountsUsage):
                 return await self._request_with_retries(client, prompt, params)
 
         tasks = [asyncio.ensure_future(one(p)) for p in prompts]
+        self._stall_mark = time.monotonic()
+        watchdog = asyncio.ensure_future(
+            self._watch() if self.patience > 0 else asyncio.Event().wait()
+        )
+        answers = asyncio.gather(*tasks)
         try:
-            return list(await asyncio.gather(*tasks))
+            await asyncio.wait({answers, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+            if watchdog.done():
+                watchdog.result()  # raises: the teacher stalled
+            return list(await answers)
         except BaseException:
             # The run stops (a refused key, a teacher gone): the requests still out stop too.
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            answers.cancel()
+            await asyncio.gather(answers, *tasks, return_exceptions=True)
             raise
+        finally:
+            watchdog.cancel()
+            self._stalled_before += time.monotonic() - self._stall_mark
+
+    async def _watch(self) -> None:
+        """Raise once requests have been waited on for `patience` seconds without an answer."""
+        while True:
+            await asyncio.sleep(min(1.0, self.patience / 20))
+            stalled = self._stalled_before + time.monotonic() - self._stall_mark
+            if stalled >= self.patience:
+                last = f" (last: {self._last_failure})" if self._last_failure else (
+                    " (no request has come back)"
+                )  # fmt: skip
+                raise TeacherError(
+                    f"the teacher at {self.endpoint()} gave no usable answer for {stalled:.0f} s"
+                    f"{last}; stopping. {_RESUME_HINT}"
+                )
+
+    def _note_failure(self, error: str, detail: str) -> None:
+        """Count a failed attempt; stop once the last `max_failures_in_a_row` all failed."""
+        self.stats.errors[error] = self.stats.errors.get(error, 0) + 1
+        self._last_failure = detail
+        if self.on_error is not None:
+            self.on_error(error)
+        if error == "http_429":
+            return  # told to slow down, not broken; a teacher that only says so stalls instead
+        self._failures_in_a_row += 1
+        if self._failures_in_a_row >= self.max_failures_in_a_row:
+            raise TeacherError(
+                f"the teacher at {self.endpoint()} failed the last {self._failures_in_a_row} "
+                f"requests in a row (last: {detail}); stopping. {_RESUME_HINT}"
+            )
 
     async def _request_with_retries(
         self, client: Any, prompt: str, params: SamplingParams
@@ -282,11 +342,11 @@ class OpenAICompatibleTeacher(_CountsUsage):
                         f"the teacher endpoint rejected a request: {_short(exc)}"
                     ) from None
                 retry_after = parse_retry_after(exc.response.headers)
-                error = f"http_{status}"
+                error, detail = f"http_{status}", f"HTTP {status}: {_short(exc)}"
             except openai.APITimeoutError:
-                error = "timeout"
-            except openai.APIConnectionError:
-                error = "connection"
+                error, detail = "timeout", f"no answer within {self.timeout:g} s"
+            except openai.APIConnectionError as exc:
+                error, detail = "connection", f"connection failed: {_short(exc)}"
             except (
                 openai.APIResponseValidationError,
                 ValueError,
@@ -295,9 +355,12 @@ class OpenAICompatibleTeacher(_CountsUsage):
                 KeyError,
                 IndexError,
             ):
-                error = "malformed_reply"
+                error, detail = "malformed_reply", "a reply that is not a completion"
             else:
                 self._unreachable_in_a_row = 0
+                self._failures_in_a_row = 0
+                self._stalled_before = 0.0
+                self._stall_mark = time.monotonic()
                 self.stats.completions += 1
                 self.stats.prompt_tokens += completion.prompt_tokens
                 self.stats.completion_tokens += completion.completion_tokens
@@ -306,7 +369,7 @@ class OpenAICompatibleTeacher(_CountsUsage):
                     + completion.completion_tokens * self.price_per_1k_completion_tokens
                 ) / 1000
                 return completion
-            self.stats.errors[error] = self.stats.errors.get(error, 0) + 1
+            self._note_failure(error, detail)
             if attempt >= self.max_retries:
                 self.stats.failed_requests += 1
                 self._give_up_if_gone(error)
@@ -330,8 +393,7 @@ class OpenAICompatibleTeacher(_CountsUsage):
         if self._unreachable_in_a_row >= max(3, self.concurrency):
             raise TeacherError(
                 f"lost the teacher at {self.endpoint()}: {self._unreachable_in_a_row} requests in a "
-                f"row failed ({error}) after {self.max_retries} retries each. What was kept is "
-                "journaled: re-run the same command once the server is back to resume"
+                f"row failed ({error}) after {self.max_retries} retries each. {_RESUME_HINT}"
             )
 
     async def _request(self, client: Any, prompt: str, params: SamplingParams) -> Completion:
@@ -490,32 +552,28 @@ class OpenAIBatchTeacher(OpenAICompatibleTeacher):
             time.sleep(self.poll_seconds)
 
     def _results(self, batch: Any, count: int) -> list[Completion | FailedRequest]:
-        import json
-
-        client = self._client_sync()
         results: list[Completion | FailedRequest] = [
             FailedRequest(f"batch {batch.status}: no answer") for _ in range(count)
         ]
         for file_id in (batch.output_file_id, batch.error_file_id):
             if not file_id:
                 continue
-            for raw in client.files.content(file_id).text.splitlines():
-                if not raw.strip():
-                    continue
-                line = json.loads(raw)
-                index = int(str(line.get("custom_id", "")).rsplit("-", 1)[-1])
-                response = line.get("response") or {}
+            for index, line in self._batch_lines(batch.id, file_id, count):
+                response = line.get("response")
+                response = response if isinstance(response, dict) else {}
                 if response.get("status_code") == 200:
                     try:
                         results[index] = self._completion_from(response["body"])
-                    except (KeyError, TypeError, ValueError, IndexError):
+                    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
                         results[index] = FailedRequest("malformed_reply")
-                else:
-                    error = line.get("error") or (response.get("body") or {}).get("error") or {}
-                    results[index] = FailedRequest(
-                        f"{error.get('code') or response.get('status_code')}: "
-                        f"{error.get('message', '')}"
-                    )
+                    continue
+                body = response.get("body")
+                error = line.get("error") or (body.get("error") if isinstance(body, dict) else None)
+                error = error if isinstance(error, dict) else {}
+                results[index] = FailedRequest(
+                    f"{error.get('code') or response.get('status_code')}: "
+                    f"{error.get('message', '')}"
+                )
         for result in results:
             if isinstance(result, Completion):
                 self.stats.completions += 1
@@ -531,11 +589,56 @@ class OpenAIBatchTeacher(OpenAICompatibleTeacher):
                 self.stats.errors[kind] = self.stats.errors.get(kind, 0) + 1
         return results
 
+    def _batch_lines(self, batch_id: str, file_id: str, count: int) -> Iterator[tuple[int, dict]]:
+        """(request index, line) for each readable line of a batch's result file. A line that is
+        not a JSON object or names no request of this batch is reported in one line and skipped
+        (its request counts as failed); every other answer, already paid for, is kept."""
+        import json
+
+        text = self._client_sync().files.content(file_id).text
+        for number, raw in enumerate(text.splitlines(), start=1):
+            if not raw.strip():
+                continue
+            problem = None
+            try:
+                line = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                problem = f"not valid JSON ({exc.msg})"
+            else:
+                if not isinstance(line, dict):
+                    problem = f"expected a JSON object, got {type(line).__name__}"
+                else:
+                    custom_id = line.get("custom_id")
+                    index = _request_index(custom_id, count)
+                    if index is None:
+                        problem = (
+                            f"custom_id {custom_id!r} names no request of this batch "
+                            f"(request-0 .. request-{count - 1})"
+                        )
+            if problem is not None:
+                self.log(
+                    f"batch {batch_id}: result file {file_id} line {number}: {problem}; "
+                    "skipped (its request counts as failed)"
+                )
+                continue
+            yield index, line
+
     def close(self) -> None:
         if self._sync_client is not None:
             self._sync_client.close()
             self._sync_client = None
         super().close()
+
+
+def _request_index(custom_id: Any, count: int) -> int | None:
+    """The request a batch result line answers (`request-<i>`, 0 <= i < count), or None."""
+    if not isinstance(custom_id, str) or not custom_id.startswith("request-"):
+        return None
+    digits = custom_id.removeprefix("request-")
+    if not digits.isascii() or not digits.isdigit():
+        return None
+    index = int(digits)
+    return index if index < count else None
 
 
 def _short(exc: Exception) -> str:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral.contamination import find_contamination
+from corral.errors import RecordError
 from corral.records import SeedTask
 from corral.rouge import RougeNoveltyIndex, rouge_tokens
 
@@ -225,6 +226,8 @@ def audit_records(
             score = record.get("score")
             if not isinstance(score, int | float) or isinstance(score, bool):
                 add(Finding(index, "low_score", "no score (run corral score first)"))
+            elif not math.isfinite(score):
+                add(Finding(index, "low_score", f"score {score} is not a number"))
             elif score < min_score:
                 add(Finding(index, "low_score", f"score {score} < {min_score}"))
         if input_.strip() and _PLACEHOLDER_INPUT.match(input_):
@@ -238,6 +241,28 @@ def audit_records(
             add(Finding(index, "non_english", f"{shares[index]:.0%} non-ASCII letters"))
     result.findings.sort(key=lambda f: (f.index, f.check))
     return result
+
+
+def check_scores(records: Sequence[dict[str, Any]], path: str) -> None:
+    """Refuse a `score` that is not a finite number (NaN, Infinity, "4.9", true): such a record
+    would pass or fail --min-score by accident, and NaN written back is not JSON. A missing or
+    null score is "unscored" (the low_score check)."""
+    for index, record in enumerate(records):
+        score = record.get("score")
+        if score is None:
+            continue
+        if isinstance(score, bool) or not isinstance(score, int | float):
+            got = f"{type(score).__name__} {score!r}"
+        elif not math.isfinite(score):
+            got = repr(score)
+        else:
+            continue
+        raise RecordError(
+            path,
+            f"expected a finite number (a judge's 1-5, from corral score) or null, got {got}",
+            index=index,
+            field="score",
+        )
 
 
 def format_audit(result: AuditResult, examples: int = 2) -> str:

@@ -30,7 +30,7 @@ OUTPUT.partial.jsonl: re-running the same command resumes. Then: corral audit SC
 def run_audit(args: argparse.Namespace) -> int:
     import json
 
-    from corral.evaluation.audit import audit_records, format_audit
+    from corral.evaluation.audit import audit_records, check_scores, format_audit
 
     from corral.errors import UsageError
     from corral.fileio import check_output_path
@@ -40,6 +40,8 @@ def run_audit(args: argparse.Namespace) -> int:
         inputs = (args.data, args.eval_set, args.seed_tasks)
         check_output_path(args.fix, inputs=inputs, what="--fix output")
     records = read_alpaca(args.data)
+    if args.min_score is not None or args.fix is not None:
+        check_scores(records, args.data)
     if args.min_score is not None and not 1.0 <= args.min_score <= 5.0:
         raise UsageError(f"--min-score must be within 1..5, got {args.min_score}")
     result = audit_records(
@@ -76,6 +78,12 @@ def run_score(args: argparse.Namespace) -> int:
     from corral.fileio import check_output_path, exclusive_output
     from corral.records import read_alpaca
 
+    for flag, price in (
+        ("--price-prompt", args.price_prompt),
+        ("--price-completion", args.price_completion),
+    ):
+        if not price >= 0:  # also refuses NaN
+            raise UsageError(f"{flag} must be 0 or more, got {price}")
     if (args.judge is None) == (args.judge_base_url is None):
         raise UsageError("give --judge (a local model) or --judge-base-url (an endpoint)")
     check_output_path(args.output, inputs=(args.input,))
@@ -97,6 +105,7 @@ def _score(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             price_per_1k_prompt_tokens=args.price_prompt,
             price_per_1k_completion_tokens=args.price_completion,
+            patience=args.patience,
         )
         try:
             teacher.check_reachable()
@@ -122,9 +131,15 @@ def _score(args: argparse.Namespace) -> int:
         + f" -> {args.output}"
     )
     if summary.unscored:
+        failed = summary.cost.get("failed_requests", 0)
+        why = (
+            f"{failed} requests to the judge failed after every retry, the other replies held none"
+            if failed
+            else "the judge's replies held none"
+        )
         print(
-            f"corral: error: {summary.unscored} records got no score (the judge's replies held "
-            "none); they are kept with score null, and --min-score drops them",
+            f"corral: error: {summary.unscored} records got no score ({why}); they are kept "
+            "with score null, and --min-score drops them",
             file=sys.stderr,
         )
         return 1
@@ -168,6 +183,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument("--price-prompt", type=float, default=0.0, help="USD per 1K prompt tokens")
     score.add_argument(
         "--price-completion", type=float, default=0.0, help="USD per 1K completion tokens"
+    )
+    score.add_argument(
+        "--patience",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="stop when the judge endpoint has given no usable answer for this long (default 60)",
     )
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     score.set_defaults(func=run_score)

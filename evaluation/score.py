@@ -205,6 +205,10 @@ def score_file(
             sink.write(json.dumps(header) + "\n")
         bar = tqdm(total=len(records), initial=resumed, unit="record", desc="scoring",
                    disable=not progress)  # fmt: skip
+        judge = getattr(scorer, "teacher", None)
+        if progress and hasattr(judge, "on_error"):
+            # A failing judge shows at once, not after its chunk gives up.
+            judge.on_error = lambda _: bar.set_postfix(errors=sum(judge.stats.errors.values()))
         try:
             for start in range(0, len(todo), chunk):
                 indices = todo[start : start + chunk]

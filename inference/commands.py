@@ -6,6 +6,7 @@ Only argparse and light modules at the top: torch and transformers load when a c
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -201,6 +202,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if (config.model is None) == (config.run is None):
         raise UsageError("give exactly one of --model or --run (or set one in the config file)")
     api_key = config.api_key or os.environ.get(API_KEY_ENV) or None
+    # Listen before loading: a port in use is found in a second, not after the model's load.
+    listening = _listen(config.host, config.port)
     # The engine computes on its own thread. Once a second thread has run torch's parallel
     # regions, OpenMP counts more busy threads than cores and puts the engine's workers to sleep
     # between regions (prefills measured 40% slower): this thread loads on one.
@@ -220,20 +223,52 @@ def run_serve(args: argparse.Namespace) -> int:
         max_batch_size=config.max_batch_size,
         default_max_tokens=config.default_max_tokens,
         max_request_bytes=config.max_request_bytes,
+        max_prompts_per_request=config.max_prompts_per_request,
         threads=config.threads,
         cores=cores,
     )
     name = config.served_model_name or loaded.name
+    port = listening.getsockname()[1]
     print(
         f"serving {name} (template {loaded.template.name}, context {loaded.context_length}) on "
-        f"http://{config.host}:{config.port}/  (API key {'required' if api_key else 'not required'})",
+        f"http://{config.host}:{port}/  (API key {'required' if api_key else 'not required'})",
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(
-        app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=config.host, port=port, log_level="warning", timeout_graceful_shutdown=5
+        )
     )
+    server.run(sockets=[listening])
     return 0
+
+
+def _listen(host: str, port: int):
+    """A socket bound to host:port, for the server to accept on; one line when it cannot be."""
+    import socket
+
+    from corral.errors import UsageError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        listening = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise UsageError(f"--host {host}: cannot listen there ({exc.strerror or exc})") from None
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind(address)
+    except OSError as exc:
+        listening.close()
+        busy = " (another server uses it? choose another --port)" if (
+            exc.errno == errno.EADDRINUSE
+        ) else ""  # fmt: skip
+        raise UsageError(
+            f"{host}:{port}: cannot listen there: {exc.strerror or exc}{busy}"
+        ) from None
+    return listening
 
 
 def _serve_epilog() -> str:

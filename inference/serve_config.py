@@ -53,6 +53,12 @@ class ServeConfig:
     max_request_bytes: int = field(
         default=1_000_000, metadata={"help": "larger request bodies get 413"}
     )
+    max_prompts_per_request: int = field(
+        default=2048,
+        metadata={
+            "help": "prompts one /v1/completions request may hold (OpenAI's cap); more get 400"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.quantization not in (None, "nf4"):
@@ -63,6 +69,8 @@ class ServeConfig:
             )
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
+        if self.max_prompts_per_request < 1:
+            raise ValueError("max_prompts_per_request must be at least 1")
         if self.threads is not None and self.threads < 1:
             raise ValueError("threads must be at least 1")
         if not 0 <= self.port < 65536:

@@ -101,6 +101,18 @@ def _lone_surrogate(value: Any) -> bool:
     return False
 
 
+# Fields of OpenAI's API this server does not honour, each with its values that change nothing.
+UNHONOURED_FIELDS: dict[str, Any] = {
+    "tools": lambda v: v == [],
+    "tool_choice": lambda v: v == "none",
+    "functions": lambda v: v == [],
+    "function_call": lambda v: v == "none",
+    "response_format": lambda v: v == {"type": "text"},
+    "best_of": lambda v: v == 1,
+    "suffix": lambda v: v == "",
+}
+
+
 class _Request(BaseModel):
     # Clients send fields this server does not use (user, logprobs=None, ...); accept and ignore.
     model_config = ConfigDict(extra="allow")
@@ -147,6 +159,15 @@ class _Request(BaseModel):
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def refuse_unhonoured(self) -> None:
+        """Answer 400 naming a field that would change the answer but that this server does not
+        honour (rather than answering as if it had); their neutral values pass."""
+        extra = self.__pydantic_extra__ or {}
+        for name, neutral in UNHONOURED_FIELDS.items():
+            value = extra.get(name)
+            if value is not None and not neutral(value):
+                raise APIError(400, f"'{name}' is not supported by this server", param=name)
 
 
 class ContentPart(BaseModel):
@@ -263,12 +284,14 @@ class OpenAIServer:
         model_name: str,
         api_key: str | None = None,
         default_max_tokens: int = 256,
+        max_prompts_per_request: int = 2048,
     ) -> None:
         self.loaded = loaded
         self.engine = engine
         self.model_name = model_name
         self.api_key = api_key or None
         self.default_max_tokens = default_max_tokens
+        self.max_prompts_per_request = max_prompts_per_request
         self.created = int(time.time())
 
     # -- checks shared by the endpoints
@@ -591,6 +614,7 @@ def create_app(server: OpenAIServer, *, max_request_bytes: int = 1_000_000) -> F
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         server.check_api_key(request)
         server.check_model(body.model)
+        body.refuse_unhonoured()
         prompt = server.encode_messages(body.messages)
         body.check_token_ids()
         if body.top_logprobs is not None and not body.logprobs:
@@ -639,7 +663,15 @@ def create_app(server: OpenAIServer, *, max_request_bytes: int = 1_000_000) -> F
     async def completions(body: CompletionRequest, request: Request) -> Any:
         server.check_api_key(request)
         server.check_model(body.model)
+        body.refuse_unhonoured()
         texts = body.prompts()
+        if len(texts) > server.max_prompts_per_request:
+            raise APIError(
+                400,
+                f"at most {server.max_prompts_per_request} prompts per request, got {len(texts)}; "
+                "send them in several requests",
+                param="prompt",
+            )
         prompts = [server.encode_raw(t, i) for i, t in enumerate(texts)]
         scoring = body.echo and body.logprobs is not None
         body.check_token_ids()
@@ -814,6 +846,7 @@ def build_server(
     max_batch_size: int = 16,
     default_max_tokens: int = 256,
     max_request_bytes: int = 1_000_000,
+    max_prompts_per_request: int = 2048,
     threads: int | None = None,
     cores: int | None = None,
 ) -> FastAPI:
@@ -835,5 +868,6 @@ def build_server(
         model_name=model_name or loaded.name,
         api_key=api_key,
         default_max_tokens=default_max_tokens,
+        max_prompts_per_request=max_prompts_per_request,
     )
     return create_app(server, max_request_bytes=max_request_bytes)

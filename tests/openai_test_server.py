@@ -26,7 +26,9 @@ It also speaks OpenAI's Batch API: `POST /v1/files` (multipart, purpose batch), 
 /v1/files/{id}/content`, `POST /v1/batches` and `GET /v1/batches/{id}`. A batch completes
 `batch_seconds` after it was created; `batch_faults` decides its fate: "expire" (only the first
 half of its requests done, the rest reported `batch_expired` in the error file), "partial" (every
-third request fails with a 500 in the error file), "failed" (rejected at validation).
+third request fails with a 500 in the error file), "failed" (rejected at validation), "garbled"
+(the first request's answer is a line cut in half, and lines that are not objects or name no
+request of the batch follow the answers).
 """
 
 from __future__ import annotations
@@ -418,9 +420,15 @@ class OpenAITestServer:
             body = self._reply(line["url"], line["body"], rng)
             done.append({"id": f"req-{number}", "custom_id": custom,
                          "response": {"status_code": 200, "body": body}, "error": None})  # fmt: skip
-        batch["output_file_id"] = self._create_file(
-            "".join(json.dumps(x) + "\n" for x in done).encode()
-        )["id"]
+        output = [json.dumps(x) + "\n" for x in done]
+        if fault == "garbled" and output:
+            output[0] = output[0][: len(output[0]) // 2] + "\n"
+            output += ["[1, 2]\n", '"an answer"\n']
+            output += [
+                json.dumps({**done[-1], "custom_id": custom}) + "\n"
+                for custom in ("request-x", "request-999", None, "request--1")
+            ]
+        batch["output_file_id"] = self._create_file("".join(output).encode())["id"]
         if errors:
             batch["error_file_id"] = self._create_file(
                 "".join(json.dumps(x) + "\n" for x in errors).encode()

@@ -177,3 +177,37 @@ def test_min_score_drops_low_and_unscored_records():
         CLEAN[0]["instruction"],
         CLEAN[4]["instruction"],
     ]
+
+
+def test_a_score_that_is_not_a_finite_number_is_refused_naming_the_record(tmp_path, capsys):
+    import json
+
+    from corral.cli import main as corral_main
+
+    for bad in ("NaN", "Infinity", "-Infinity", '"high"', '"4.9"', "true"):
+        data = tmp_path / "scored.jsonl"
+        lines = [json.dumps({**CLEAN[0], "score": 5.0}), json.dumps(CLEAN[1])]
+        lines.append(json.dumps(CLEAN[3])[:-1] + f', "score": {bad}}}')
+        data.write_text("\n".join(lines) + "\n")
+        fixed = tmp_path / "best.json"
+        code = corral_main(["audit", str(data), "--min-score", "4", "--fix", str(fixed)])
+        err = capsys.readouterr().err
+        assert code == 2, bad
+        assert f"{data}: record 2: field 'score': expected a finite number" in err, err
+        assert not fixed.exists()
+
+
+def test_the_audit_api_never_keeps_a_non_finite_score():
+    records = [{**CLEAN[0], "score": float("nan")}, {**CLEAN[1], "score": float("inf")}]
+    assert findings_of(records, min_score=4.0)["low_score"] == [0, 1]
+
+
+def test_nan_is_never_written_as_json(tmp_path):
+    import pytest
+
+    from corral.records import write_alpaca
+
+    path = tmp_path / "out.json"
+    with pytest.raises(ValueError):
+        write_alpaca(path, [{**CLEAN[0], "score": float("nan")}])
+    assert not path.exists()

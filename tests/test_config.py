@@ -75,3 +75,32 @@ def test_override_parsing_and_help():
     assert parse_override("--lr=2e-4") == ("lr", 2e-4)
     assert parse_override("name=a=b") == ("name", "a=b")
     assert "lr=0.0003: peak learning rate" in config_help(ExampleConfig)
+
+
+def test_a_bad_override_is_named_as_typed_not_the_preset():
+    from corral.training.config import TrainConfig
+
+    preset = "configs/training/smoke.yaml"
+    with pytest.raises(ConfigError) as error:
+        load_config(TrainConfig, preset, ["learning_rate=-1"])
+    assert str(error.value).startswith("override 'learning_rate=-1': key 'learning_rate'")
+    assert "smoke.yaml" not in str(error.value)
+
+
+def test_an_estimate_is_bounded_and_prices_are_never_negative(tmp_path, capsys):
+    from corral.cli import main as corral_main
+
+    # A teacher nobody answers at: refused before it is even reached.
+    output = ["--output", str(tmp_path / "d.json"), "--base-url", "http://127.0.0.1:9/v1"]
+    assert corral_main(["generate", *output, "--estimate", "--estimate-probes", "1000000"]) == 2
+    assert "--estimate-probes must be within 1..100, got 1000000" in capsys.readouterr().err
+    assert corral_main(["generate", *output, "price_per_1k_prompt_tokens=-0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "override 'price_per_1k_prompt_tokens=-0.5': price_per_1k_prompt_tokens must be 0" in err
+    data = tmp_path / "data.json"
+    data.write_text('[{"instruction": "Say hi.", "output": "hi"}]')
+    argv = ["score", str(data), "--output", str(tmp_path / "s.json"), "--judge", "embedded",
+            "--price-completion", "-1"]  # fmt: skip
+    assert corral_main(argv) == 2
+    assert "--price-completion must be 0 or more, got -1.0" in capsys.readouterr().err
+    assert not list(tmp_path.glob("d.*")) and not (tmp_path / "s.json").exists()

@@ -111,3 +111,23 @@ def test_a_run_killed_while_waiting_polls_its_batch_instead_of_paying_again(tmp_
     )
     assert server.stats["batches_created"] == rounds
     assert len(read_alpaca(output)) == 15
+
+
+def test_unreadable_lines_of_a_batch_result_are_named_and_the_rest_kept(tmp_path, capsys):
+    output = tmp_path / "data.json"
+    logged: list[str] = []
+    with OpenAITestServer(batch_faults=["garbled"]) as server:
+        result = generate_dataset(
+            config(server, output, concurrency=3), progress=False, log=logged.append
+        )
+    problems = [text for text in logged if "result file" in text]
+    # The first request's line is cut in half; then a list, a string and four unknown requests.
+    assert len(problems) == 7, logged
+    assert "line 1: not valid JSON" in problems[0]
+    assert "line 4: expected a JSON object, got list" in problems[1]
+    assert "custom_id 'request-x' names no request" in problems[3]
+    assert "custom_id 'request-999'" in problems[4]
+    assert all(len(text.splitlines()) == 1 for text in problems)
+    # Only the garbled answer is lost: the other two of that batch were used.
+    assert result.manifest["failed_requests"] == 1
+    assert len(read_alpaca(output)) == 15

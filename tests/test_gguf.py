@@ -222,6 +222,29 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(lora_run, tm
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_users_modelfile_an_existing_gguf_and_a_run_folder_are_never_written(lora_run, tmp_path):
+    """As --merge refuses a non-empty folder: refused before any work, every file as it was."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "Modelfile").write_text("FROM llama3\nSYSTEM my own prompt\n")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "model.gguf").write_bytes(b"GGUF an older export")
+    run_files = sorted(p.name for p in lora_run.iterdir())
+    for out, named in (
+        (mine / "new.gguf", "Modelfile: already exists"),
+        (theirs / "model.gguf", "model.gguf: already exists"),
+        (lora_run / "model.gguf", "holds a model (run_info.json)"),
+    ):
+        result = corral("export", str(lora_run), "--gguf", str(out))
+        assert result.returncode == 2 and named in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert (mine / "Modelfile").read_text() == "FROM llama3\nSYSTEM my own prompt\n"
+    assert sorted(p.name for p in mine.iterdir()) == ["Modelfile"]
+    assert (theirs / "model.gguf").read_bytes() == b"GGUF an older export"
+    assert sorted(p.name for p in lora_run.iterdir()) == run_files
+
+
 def test_query_and_key_rows_are_interleaved_as_llama_cpp_reads_them():
     import numpy as np
     from corral.training.gguf import interleave_rotary_halves

@@ -167,3 +167,36 @@ def test_bad_seed_task_names_line_and_field(tmp_path):
     path.write_text(json.dumps(dict(good, is_classification="yes")) + "\n")
     with pytest.raises(RecordError, match=r"line 1: field 'is_classification'"):
         read_seed_tasks(path)
+
+
+def test_dolly_errors_name_the_dolly_field(tmp_path):
+    from corral.errors import RecordError
+    from corral.records import read_alpaca
+
+    path = tmp_path / "dolly.jsonl"
+    for record, field, line in (
+        ({"instruction": "Say hi.", "context": "", "response": 5}, "response", 1),
+        ({"instruction": "Say hi.", "context": ["a"], "response": "hi"}, "context", 1),
+    ):
+        path.write_text(json.dumps(record) + "\n")
+        with pytest.raises(RecordError) as error:
+            read_alpaca(path)
+        assert str(error.value).startswith(
+            f"{path}: line {line}: field '{field}': expected a string"
+        )
+
+
+def test_a_record_with_both_names_of_one_field_is_ambiguous(tmp_path):
+    from corral.errors import RecordError
+    from corral.records import read_alpaca, read_conversations
+
+    path = tmp_path / "both.jsonl"
+    good = {"instruction": "Say hi.", "output": "hi"}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "response": "hello"}) + "\n")
+    with pytest.raises(RecordError, match=r"line 2: field 'response': holds both 'output'"):
+        read_alpaca(path)
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    shared = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "bye"}]
+    path.write_text(json.dumps({"messages": turns, "conversations": shared}) + "\n")
+    with pytest.raises(RecordError, match=r"line 1: field 'messages': holds both 'conversations'"):
+        read_conversations(path)

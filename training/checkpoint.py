@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from corral.fileio import weights_follow_umask
+
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
 TRAINABLE_WEIGHTS = "trainable_weights.safetensors"
@@ -122,6 +124,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+        weights_follow_umask(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

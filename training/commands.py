@@ -140,5 +140,19 @@ def main(argv: list[str] | None = None) -> int:
     except CorralError as exc:
         # Every process of a launch meets the same error; one of them says it.
         if int(os.environ.get("RANK") or 0) == 0:
-            print(f"train.py: error: {exc}", file=sys.stderr)
+            print(f"train.py: error: {exc}{_LAUNCHER_NOTE if _under_accelerate() else ''}",
+                  file=sys.stderr)  # fmt: skip
         return 2
+
+
+# `accelerate launch` turns any failure of its script into exit status 1 and, unless run with -q,
+# its own traceback; it cannot be made to pass the status on, so the error line says so.
+_LAUNCHER_NOTE = (
+    " (exit status 2; accelerate launch reports any failure as 1, and its traceback below adds "
+    "nothing: -q hides it)"
+)
+
+
+def _under_accelerate() -> bool:
+    """Whether `accelerate launch` started this process (its launchers always set these)."""
+    return "ACCELERATE_DYNAMO_BACKEND" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ

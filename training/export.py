@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.errors import UsageError
-from corral.fileio import check_output_path, temporary_folder_beside
+from corral.fileio import check_output_path, temporary_folder_beside, weights_follow_umask
 from corral.rundir import read_run_info, write_run_info
 from corral.templates import PromptTemplate, adds_bos, get_template, stop_token_ids
 
@@ -77,6 +77,7 @@ def merge_run(
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_run_info(tmp, info.merged(run))
+        weights_follow_umask(tmp)
         if out.exists():
             out.rmdir()
         os.rename(tmp, out)

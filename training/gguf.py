@@ -38,7 +38,7 @@ from corral.fileio import (
     exclusive_output,
     temporary_folder_beside,
 )
-from corral.rundir import MODEL_CONFIG_FILE, RunInfo, read_run_info
+from corral.rundir import MODEL_CONFIG_FILE, RunInfo, has_run_info, read_run_info
 from corral.templates import PromptTemplate, adds_bos, get_template, stop_token_ids
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -86,6 +86,7 @@ def export_gguf(
         raise UsageError(f"{out}: the GGUF file name must end with .gguf")
     check_output_path(out, inputs=(run,), what="GGUF file")
     check_output_path(out.parent / MODELFILE_NAME, inputs=(run,), what="Modelfile")
+    _check_new_target(out)
     _check_gguf_type(gguf_type)
     if info.kind != "adapter":
         if merge_dir is not None:
@@ -107,6 +108,21 @@ def export_gguf(
         return write_gguf(merged, out, gguf_type=gguf_type, source_run=run)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _check_new_target(out: Path) -> None:
+    """Like --merge's non-empty folder: never replace a GGUF, a Modelfile (perhaps the user's
+    own, edited), or write into a folder that holds a model Corral made (its run_info.json)."""
+    if has_run_info(out.parent):
+        raise UsageError(
+            f"{out}: {out.parent} holds a model (run_info.json); write the GGUF to another folder"
+        )
+    for existing in (out, out.parent / MODELFILE_NAME):
+        if existing.exists():
+            raise UsageError(
+                f"{existing}: already exists; the export writes {out.name} and {MODELFILE_NAME} "
+                "beside it: remove it or choose another folder"
+            )
 
 
 def _check_gguf_type(gguf_type: str) -> None:

@@ -48,7 +48,12 @@ from corral.training.metrics import MetricsLogger
 
 from corral.config import config_to_yaml, save_config
 from corral.errors import ConfigError, CorralError, RecordError, UsageError
-from corral.fileio import atomic_write_text, check_output_path, exclusive_output
+from corral.fileio import (
+    atomic_write_text,
+    check_output_path,
+    exclusive_output,
+    weights_follow_umask,
+)
 from corral.rundir import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
@@ -821,6 +826,7 @@ def save_final(run: TrainingRun) -> None:
             corral_version=corral.__version__,
         )
         write_run_info(run.run_dir, info)
+        weights_follow_umask(run.run_dir)
     accelerator.wait_for_everyone()
 
 
