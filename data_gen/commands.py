@@ -43,9 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--config", help="YAML preset, e.g. configs/data_gen/alpaca.yaml")
     gen.add_argument(
         "--mode",
-        choices=["alpaca", "self-instruct", "conversations", "preferences"],
+        choices=["alpaca", "self-instruct", "conversations", "preferences", "magpie", "evol"],
         help="generation method (conversations: multi-turn self-chat, ShareGPT output; "
-        "preferences: judged answer pairs for DPO, from preference_prompts=FILE)",
+        "preferences: judged answer pairs for DPO, from preference_prompts=FILE; magpie: the "
+        "teacher writes the questions from its chat template; evol: Evol-Instruct rewrites)",
     )
     gen.add_argument(
         "--seed-tasks", dest="seed_tasks", metavar="PATH", help="seed tasks JSONL/JSON"
@@ -137,6 +138,10 @@ def run_generate(args: argparse.Namespace) -> int:
         if args.estimate:
             raise UsageError("--estimate covers the alpaca, self-instruct and conversations modes")
         return _preferences(config, args.progress)
+    if config.mode == "magpie":
+        from corral.data_gen.methods import check_magpie_teacher
+
+        check_magpie_teacher(config)  # refuses, saying why, before any request or file
     if args.estimate:
         return _estimate(config, args.estimate_probes)
     try:
