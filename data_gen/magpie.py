@@ -60,7 +60,7 @@ def pre_query(render: Render, history: Sequence[dict[str, str]] = (), *, who: st
         except Exception as exc:  # jinja's raise_exception, a missing template, ...
             roles = "/".join(m["role"] for m in messages)
             raise TemplateSplitError(
-                f"{who} refuses the conversation {roles} ({_one_line(exc)})"
+                f"{who} refuses the conversation {roles} ({one_line(exc)})"
                 + (
                     "; run without system_prompt"
                     if any(m["role"] == "system" for m in history)
@@ -99,7 +99,7 @@ def pre_query(render: Render, history: Sequence[dict[str, str]] = (), *, who: st
     return PreQuery(prefix=prefix, stops=tuple(stops))
 
 
-def _one_line(exc: Exception) -> str:
+def one_line(exc: Exception) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 160 else text[:157] + "..."
 

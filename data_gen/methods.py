@@ -70,7 +70,7 @@ def load_template_tokenizer(config: GenerateConfig) -> Any:
     except (CorralError, OSError, ValueError) as exc:
         raise magpie.TemplateSplitError(
             f"magpie mode needs the teacher's chat template, and the tokenizer {name!r} cannot be "
-            f"loaded ({magpie._one_line(exc)}); give magpie_tokenizer=FOLDER (a copy of the served "
+            f"loaded ({magpie.one_line(exc)}); give magpie_tokenizer=FOLDER (a copy of the served "
             "model's tokenizer files)"
         ) from None
 
@@ -168,7 +168,8 @@ class MagpieRounds:
             for i, (_, stops), reply in zip(asked, prompts_and_stops, answers, strict=True):
                 reason = self._answer_drop_reason(reply, stops)
                 if reason is not None:
-                    gen.drops[reason if turn == 0 else filters.UNUSABLE_TURN] += 1
+                    if reply is not None:  # a failed request is counted as such already
+                        gen.drops[reason if turn == 0 else filters.UNUSABLE_TURN] += 1
                     conversations[i].pop()  # the question stays unasked
                     continue
                 text = magpie.parse_turn_text(reply.text, stops)

@@ -74,7 +74,7 @@ def evol_config(server: OpenAITestServer, output: Path, **overrides) -> Generate
     )
 
 
-def test_evol_against_a_faulty_endpoint_keeps_lineage_chains(tmp_path):
+def test_evol_against_a_faulty_endpoint_keeps_lineage_chains(tmp_path, capsys):
     output = tmp_path / "e.json"
     with OpenAITestServer(faults=["429", None, "503", "drop"], retry_after=0.05) as server:
         config = evol_config(server, output, num_instructions=40, evol_generations=3)
@@ -106,6 +106,14 @@ def test_evol_against_a_faulty_endpoint_keeps_lineage_chains(tmp_path):
             assert kept[step["instruction"]]["operation"] == step["operation"]
         if line["operation"] != evol.BREADTH:
             assert line["instruction"].startswith(chain[-1]["instruction"])  # the test teacher
+
+    # The data is plain Alpaca JSON: the audit reads it as it reads any other.
+    from corral.cli import main as corral_main
+
+    capsys.readouterr()
+    assert corral_main(["audit", str(output), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["checks"]["exact_duplicate"]["records"] == 0
 
 
 def test_evol_estimate_and_generations_in_the_fingerprint(tmp_path):
