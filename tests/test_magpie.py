@@ -271,3 +271,28 @@ def test_magpie_with_the_embedded_model_as_local_teacher(tmp_path, embedded_mode
     kept_or_dropped = result.manifest["counts"]["candidates"]
     assert kept_or_dropped >= len(records)
     assert filters.REQUEST_FAILED not in result.manifest["counts"]["dropped"]
+
+
+def test_an_endpoint_that_adds_bos_itself_gets_the_prefix_without_it(tmp_path, embedded_model_path):
+    """vLLM tokenizes a completion prompt with the model's BOS in front, as the tokenizer does:
+    a prefix that starts with the BOS text would carry it twice."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from corral.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("embedded"))
+    tokenizer.add_special_tokens({"bos_token": "<s>"})
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)]
+    )
+    tokenizer.chat_template = MISTRAL
+    assert tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id
+    config = GenerateConfig(mode="magpie", model="x")
+    served = MagpieRounds(config, tokenizer, endpoint=True)
+    local = MagpieRounds(config, tokenizer, endpoint=False)  # encodes without special tokens
+    prefix = served.query_split([]).prefix
+    assert prefix == "<s>[INST] "
+    assert served._raw(prefix) == "[INST] " and local._raw(prefix) == "<s>[INST] "
+    prompt, stops = served.answer_split([{"role": "user", "content": "Why?"}])
+    assert prompt == "[INST] Why? [/INST]" and stops == (tokenizer.eos_token,)
