@@ -241,6 +241,13 @@ class GenerateConfig:
         ],
         metadata=_help("evol: the operations drawn from, uniformly (in depth, and breadth)"),
     )
+    keep_reasoning: bool = field(
+        default=True,
+        metadata=_help(
+            "magpie, evol: a reasoning teacher's thinking (reasoning_content, or <think>...</think>) "
+            "goes to the record's `reasoning` field; false drops it (never left in the output)"
+        ),
+    )
     evol_min_new_words: int = field(
         default=3,
         metadata=_help(

@@ -16,6 +16,7 @@ from typing import Any
 
 from corral.data_gen import evol, filters, magpie
 from corral.data_gen.config import GenerateConfig
+from corral.data_gen.reasoning import reasoning_and_answer, split_reasoning
 from corral.data_gen.teachers import SamplingParams
 
 from corral.records import SeedTask
@@ -32,12 +33,14 @@ def method_fingerprint(config: GenerateConfig) -> dict[str, Any]:
             "query_max_tokens": config.query_max_tokens,
             "max_repetition": config.max_repetition,
             "language": config.language,
+            "keep_reasoning": config.keep_reasoning,
         }
     if config.mode == "evol":
         return {
             "evol_generations": config.evol_generations,
             "evol_operations": list(config.evol_operations),
             "evol_min_new_words": config.evol_min_new_words,
+            "keep_reasoning": config.keep_reasoning,
         }
     return {}
 
@@ -166,14 +169,16 @@ class MagpieRounds:
             )
             answers = gen._completions([p for p, _ in prompts_and_stops], params)
             for i, (_, stops), reply in zip(asked, prompts_and_stops, answers, strict=True):
-                reason = self._answer_drop_reason(reply, stops)
+                reason, reasoning, text = self._answer(reply, stops)
                 if reason is not None:
                     if reply is not None:  # a failed request is counted as such already
                         gen.drops[reason if turn == 0 else filters.UNUSABLE_TURN] += 1
                     conversations[i].pop()  # the question stays unasked
                     continue
-                text = magpie.parse_turn_text(reply.text, stops)
-                conversations[i].append({"role": "assistant", "content": text})
+                answer = {"role": "assistant", "content": text}
+                if reasoning and c.keep_reasoning:
+                    answer["reasoning"] = reasoning  # not sent back in later turns' prompts
+                conversations[i].append(answer)
         return self._accepted(gen, conversations, first_turn_info)
 
     def _accept_query(
@@ -213,15 +218,17 @@ class MagpieRounds:
             return None
         return query, info
 
-    def _answer_drop_reason(self, reply: Any, stops: tuple[str, ...]) -> str | None:
+    def _answer(self, reply: Any, stops: tuple[str, ...]) -> tuple[str | None, str, str]:
+        """(why the answer is dropped or None, the teacher's reasoning, the answer)."""
         if reply is None:
-            return filters.REQUEST_FAILED  # already counted as a failed request
+            return filters.REQUEST_FAILED, "", ""
         if reply.finish_reason == "length":
-            return magpie.ANSWER_CUT_OFF
-        text = magpie.parse_turn_text(reply.text, stops)
+            return magpie.ANSWER_CUT_OFF, "", ""
+        reasoning, text = reasoning_and_answer(magpie.parse_turn_text(reply.text, stops),
+                                               reply.reasoning)  # fmt: skip
         if not text:
-            return filters.EMPTY_OUTPUT
-        return self.filters.answer_drop_reason(text)
+            return filters.EMPTY_OUTPUT, reasoning, ""
+        return self.filters.answer_drop_reason(text), reasoning, text
 
     def _accepted(
         self,
@@ -235,6 +242,8 @@ class MagpieRounds:
                 continue
             question, answer = turns[0]["content"], turns[1]["content"]
             instances = [{"input": "", "output": answer}]
+            if turns[1].get("reasoning"):
+                instances[0]["reasoning"] = turns[1]["reasoning"]
             if gen._contaminated(question, instances):
                 continue
             if not gen.index.add_if_novel(question).novel:
@@ -323,7 +332,7 @@ class EvolRounds:
             if reply.finish_reason == "length":
                 gen.drops[magpie.QUERY_CUT_OFF] += 1
                 continue
-            evolved = evol.parse_evolved(reply.text)
+            evolved = evol.parse_evolved(split_reasoning(reply.text)[1])  # thinking dropped
             gen.candidates += 1
             reason = evol.instruction_elimination(
                 parent["text"], evolved, operation, c.evol_min_new_words
@@ -357,12 +366,14 @@ class EvolRounds:
             if reply.finish_reason == "length":
                 gen.drops[magpie.ANSWER_CUT_OFF] += 1
                 continue
-            answer = reply.text.strip()
+            reasoning, answer = reasoning_and_answer(reply.text, reply.reasoning)
             reason = evol.answer_elimination(answer)
             if reason is not None:
                 gen.drops[reason] += 1
                 continue
             instances = [{"input": "", "output": answer}]
+            if reasoning and c.keep_reasoning:
+                instances[0]["reasoning"] = reasoning
             if gen._contaminated(evolved, instances):
                 continue
             if not gen.index.add_if_novel(evolved).novel:

@@ -159,6 +159,7 @@ def records_from_tasks(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ]
     return [
         {"instruction": t["instruction"], "input": inst["input"], "output": inst["output"]}
+        | ({"reasoning": inst["reasoning"]} if inst.get("reasoning") else {})  # magpie, evol
         for t in tasks
         for inst in t["instances"]
     ]

@@ -21,6 +21,8 @@ or as a separate process (benchmarks, manual runs), which prints its base URL on
     python tests/openai_test_server.py --port 0 --latency 0.1
 
 `responder(prompt, request) -> str` replaces the canned teacher; `stats` counts what happened.
+`reasoning="field"` makes it a reasoning teacher that returns its thinking as `reasoning_content`
+(chat), `reasoning="think"` one that writes it inline as `<think>…</think>` before the answer.
 
 It also speaks OpenAI's Batch API: `POST /v1/files` (multipart, purpose batch), `GET
 /v1/files/{id}/content`, `POST /v1/batches` and `GET /v1/batches/{id}`. A batch completes
@@ -307,8 +309,10 @@ class OpenAITestServer:
         model: str = "canned-teacher",
         batch_seconds: float = 0.0,
         batch_faults: Iterable[str | None] = (),
+        reasoning: str = "",
     ) -> None:
         self.responder = responder
+        self.reasoning = reasoning
         self.latency = latency
         self.retry_after = retry_after
         self.slow_seconds = slow_seconds
@@ -375,6 +379,11 @@ class OpenAITestServer:
             text = self.responder(prompt, request)
         else:
             text = canned_teacher_reply(prompt, rng, chat=chat)
+        thought = ""
+        if self.reasoning and (chat or prompt.rstrip().endswith(_ASSISTANT_HEADERS)):
+            thought = f"The user asks: {len(prompt.split())} words. Think it through, then answer."
+            if self.reasoning == "think" or not chat:
+                text, thought = f"<think>\n{thought}\n</think>\n\n{text}", ""
         finish = "stop"
         stops = request.get("stop") or []
         if isinstance(stops, str):
@@ -399,11 +408,10 @@ class OpenAITestServer:
             "usage": usage,
         }
         if chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish,
-            }
+            message = {"role": "assistant", "content": text}
+            if thought:
+                message["reasoning_content"] = thought  # as vLLM's reasoning parsers return it
+            choice = {"index": 0, "message": message, "finish_reason": finish}
             return {**base, "object": "chat.completion", "choices": [choice]}
         choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
         return {**base, "object": "text_completion", "choices": [choice]}
