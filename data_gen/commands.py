@@ -9,15 +9,18 @@ GENERATE_DESCRIPTION = """\
 Generate Alpaca-format instruction data from seed tasks with a teacher model.
 
 Modes: `alpaca` (Stanford Alpaca: each request asks for a list of complete tasks) and
-`self-instruct` (Wang et al.: bootstrap instructions, classify them, generate instances).
+`self-instruct` (Wang et al.: bootstrap instructions, classify them, generate instances);
+`magpie` (the teacher writes the questions itself from its chat template's text before a user's
+message, then answers them) and `evol` (Evol-Instruct: seed instructions rewritten harder or
+broader over several generations).
 The teacher is a local transformers model (`embedded` by default) or any OpenAI-compatible
 endpoint (--base-url; the key comes from $OPENAI_API_KEY or api_key_env).
 
 The run is journaled next to --output; re-running the same command resumes it. Every other
 setting is a config key: give a preset with --config and override with key=value.
 
-Presets: configs/data_gen/alpaca.yaml and self_instruct.yaml (the papers' settings, for an
-endpoint), embedded_demo.yaml (the small embedded model on a CPU, a few minutes).
+Presets: configs/data_gen/alpaca.yaml, self_instruct.yaml, magpie.yaml and evol.yaml (the papers'
+settings, for an endpoint), embedded_demo.yaml (the small embedded model on a CPU, a few minutes).
 """
 
 DEDUP_DESCRIPTION = """\

@@ -253,20 +253,20 @@ def test_magpie_with_the_embedded_model_as_local_teacher(tmp_path, embedded_mode
         mode="magpie",
         model="embedded",
         output=str(output),
-        num_instructions=2,
+        num_instructions=1,
         local_batch_size=4,
-        query_max_tokens=48,
-        max_tokens=64,
+        query_max_tokens=40,
+        max_tokens=96,
         temperature=0.8,
         language="",
         max_idle_rounds=8,
     )
     result = generate_dataset(config, progress=False, log=lambda _: None)
     records = read_alpaca(output)
-    assert len(records) == 2 and all(r["instruction"] and r["output"] for r in records)
+    assert len(records) == 1 and all(r["instruction"] and r["output"] for r in records)
     # The questions are the model's own continuations of the user header, not template text.
     assert not any("<|im_start|>" in r["instruction"] for r in records)
-    assert result.manifest["counts"]["candidates"] >= 2
+    assert result.manifest["counts"]["candidates"] >= 1
     assert result.manifest["teacher"]["kind"] == "local"
     kept_or_dropped = result.manifest["counts"]["candidates"]
     assert kept_or_dropped >= len(records)
@@ -296,3 +296,23 @@ def test_an_endpoint_that_adds_bos_itself_gets_the_prefix_without_it(tmp_path, e
     assert served._raw(prefix) == "[INST] " and local._raw(prefix) == "<s>[INST] "
     prompt, stops = served.answer_split([{"role": "user", "content": "Why?"}])
     assert prompt == "[INST] Why? [/INST]" and stops == (tokenizer.eos_token,)
+
+
+def test_cli_estimate_and_a_teacher_without_a_local_tokenizer(
+    tmp_path, capsys, embedded_model_path
+):
+    from corral.cli import main as corral_main
+
+    output = tmp_path / "m.json"
+    with OpenAITestServer() as server:
+        common = ["generate", "--mode", "magpie", "--base-url", server.base_url, "--output",
+                  str(output), "--num-instructions", "40"]  # fmt: skip
+        assert corral_main([*common, "--model", "canned-teacher", "--estimate",
+                            "magpie_tokenizer=embedded"]) == 0  # fmt: skip
+        assert "Estimate for 40 instructions (magpie mode)" in capsys.readouterr().out
+        assert json.loads((tmp_path / "m.estimate.json").read_text())["mode"] == "magpie"
+        requests = server.stats["requests"]
+        # An endpoint model whose tokenizer is not on this machine: refused, naming the fix.
+        assert corral_main([*common, "--model", str(tmp_path / "no-such-model")]) == 2
+        assert "give magpie_tokenizer=FOLDER" in capsys.readouterr().err
+        assert server.stats["requests"] == requests and not output.exists()
