@@ -137,14 +137,14 @@ def run_generate(args: argparse.Namespace) -> int:
         api=args.api,
         concurrency=args.concurrency,
     )
-    if config.mode == "preferences":
-        if args.estimate:
-            raise UsageError("--estimate covers the alpaca, self-instruct and conversations modes")
-        return _preferences(config, args.progress)
     if config.mode == "magpie":
         from corral.data_gen.methods import check_magpie_teacher
 
         check_magpie_teacher(config)  # refuses, saying why, before any request or file
+    if config.mode == "preferences":
+        if args.estimate:
+            raise UsageError("--estimate covers the alpaca, self-instruct and conversations modes")
+        return _preferences(config, args.progress)
     if args.estimate:
         return _estimate(config, args.estimate_probes)
     try:

@@ -540,17 +540,17 @@ class OpenAIBatchTeacher(OpenAICompatibleTeacher):
         super().close()
 
 
+def _short(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def _reasoning_content(choice: dict[str, Any]) -> str:
     """A chat reply's separate reasoning (vLLM and DeepSeek: `reasoning_content`; some servers
     call it `reasoning`), or ""."""
     message = choice.get("message") or {}
     value = message.get("reasoning_content") or message.get("reasoning") or ""
     return value if isinstance(value, str) else ""
-
-
-def _short(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def local_dtype(name: str) -> Any:
