@@ -159,6 +159,8 @@ class MagpieRounds:
                     first_turn_info[i] = query[1]
                 conversations[i].append({"role": "user", "content": query[0]})
                 asked.append(i)
+            if not asked:
+                break
             prompts_and_stops = [self.answer_split(conversations[i]) for i in asked]
             params = SamplingParams(
                 temperature=c.temperature,
@@ -347,6 +349,8 @@ class EvolRounds:
                 gen.drops[filters.NOT_NOVEL] += 1
                 continue
             candidates.append((request, parent, operation, evolved, info))
+        if not candidates:
+            return []  # no request (nor an empty Batch API batch) for answers
         raw = getattr(gen.teacher, "api", "chat") == "completions"
         params = SamplingParams(
             temperature=c.temperature,

@@ -164,3 +164,17 @@ def test_presets_load_and_name_their_command(preset, mode):
     assert config.mode == mode
     if mode == "magpie":
         assert config.api == "completions"
+
+
+def test_evol_through_the_batch_api(tmp_path):
+    """Evol's requests are plain chat requests, so they go through the Batch API at half price:
+    each round's rewrites are one batch, their answers another."""
+    output = tmp_path / "b.json"
+    with OpenAITestServer() as server:
+        config = evol_config(server, output, num_instructions=6, api="batch",
+                             batch_poll_seconds=0.02)  # fmt: skip
+        result = generate_dataset(config, progress=False, log=lambda _: None)
+        sizes = [batch["request_counts"]["total"] for batch in server.batches.values()]
+    assert len(read_alpaca(output)) == 6
+    assert len(sizes) >= 2 and min(sizes) >= 1  # no empty batch for a round that kept nothing
+    assert result.manifest["teacher"]["api"] == "batch"
