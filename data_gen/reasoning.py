@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 
-THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 _OPEN = re.compile(r"^\s*<think>", re.IGNORECASE)
 
