@@ -9,15 +9,18 @@ GENERATE_DESCRIPTION = """\
 Generate Alpaca-format instruction data from seed tasks with a teacher model.
 
 Modes: `alpaca` (Stanford Alpaca: each request asks for a list of complete tasks) and
-`self-instruct` (Wang et al.: bootstrap instructions, classify them, generate instances).
+`self-instruct` (Wang et al.: bootstrap instructions, classify them, generate instances);
+`magpie` (the teacher writes the questions itself from its chat template's text before a user's
+message, then answers them) and `evol` (Evol-Instruct: seed instructions rewritten harder or
+broader over several generations).
 The teacher is a local transformers model (`embedded` by default) or any OpenAI-compatible
 endpoint (--base-url; the key comes from $OPENAI_API_KEY or api_key_env).
 
 The run is journaled next to --output; re-running the same command resumes it. Every other
 setting is a config key: give a preset with --config and override with key=value.
 
-Presets: configs/data_gen/alpaca.yaml and self_instruct.yaml (the papers' settings, for an
-endpoint), embedded_demo.yaml (the small embedded model on a CPU, a few minutes).
+Presets: configs/data_gen/alpaca.yaml, self_instruct.yaml, magpie.yaml and evol.yaml (the papers'
+settings, for an endpoint), embedded_demo.yaml (the small embedded model on a CPU, a few minutes).
 """
 
 MAX_ESTIMATE_PROBES = 100
@@ -45,9 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--config", help="YAML preset, e.g. configs/data_gen/alpaca.yaml")
     gen.add_argument(
         "--mode",
-        choices=["alpaca", "self-instruct", "conversations", "preferences"],
+        choices=["alpaca", "self-instruct", "conversations", "preferences", "magpie", "evol"],
         help="generation method (conversations: multi-turn self-chat, ShareGPT output; "
-        "preferences: judged answer pairs for DPO, from preference_prompts=FILE)",
+        "preferences: judged answer pairs for DPO, from preference_prompts=FILE; magpie: the "
+        "teacher writes the questions from its chat template; evol: Evol-Instruct rewrites)",
     )
     gen.add_argument(
         "--seed-tasks", dest="seed_tasks", metavar="PATH", help="seed tasks JSONL/JSON"
@@ -139,6 +143,10 @@ def run_generate(args: argparse.Namespace) -> int:
         api=args.api,
         concurrency=args.concurrency,
     )
+    if config.mode == "magpie":
+        from corral.data_gen.methods import check_magpie_teacher
+
+        check_magpie_teacher(config)  # refuses, saying why, before any request or file
     if config.mode == "preferences":
         if args.estimate:
             raise UsageError("--estimate covers the alpaca, self-instruct and conversations modes")

@@ -22,16 +22,20 @@ def _help(text: str) -> dict[str, str]:
 @dataclass
 class GenerateConfig:
     # What to make
-    mode: Literal["alpaca", "self-instruct", "conversations", "preferences"] = field(
-        default="alpaca",
-        metadata=_help(
-            "alpaca: one request asks for a list of full tasks (Stanford Alpaca); "
-            "self-instruct: bootstrap, classify, instances (Wang et al.); conversations: first "
-            "turns as in alpaca mode, then the teacher plays the user for follow-ups and answers "
-            "them (self-chat); the output is ShareGPT JSON; preferences: answers to the "
-            "instructions of preference_prompts, judged in pairs, written as {prompt, chosen, "
-            "rejected} for DPO"
-        ),
+    mode: Literal["alpaca", "self-instruct", "conversations", "preferences", "magpie", "evol"] = (
+        field(
+            default="alpaca",
+            metadata=_help(
+                "alpaca: one request asks for a list of full tasks (Stanford Alpaca); "
+                "self-instruct: bootstrap, classify, instances (Wang et al.); conversations: first "
+                "turns as in alpaca mode, then the teacher plays the user for follow-ups and answers "
+                "them (self-chat); the output is ShareGPT JSON; preferences: answers to the "
+                "instructions of preference_prompts, judged in pairs, written as {prompt, chosen, "
+                "rejected} for DPO; magpie: the teacher writes the user's turn from its chat "
+                "template's pre-query prefix, then answers it; evol: seed instructions rewritten "
+                "harder (in depth) or into new ones (in breadth) over several generations"
+            ),
+        )
     )
     turns: int = field(
         default=3, metadata=_help("conversations mode: user turns per conversation, at most")
@@ -211,6 +215,61 @@ class GenerateConfig:
         default=5, metadata=_help("self-instruct: instances kept per instruction at most")
     )
 
+    # Magpie and Evol-Instruct
+    system_prompt: str = field(
+        default="", metadata=_help("magpie: a system message that steers the questions' domain")
+    )
+    magpie_turns: int = field(
+        default=1,
+        metadata=_help("magpie: user turns per conversation; above 1 the output is ShareGPT"),
+    )
+    magpie_tokenizer: str = field(
+        default="",
+        metadata=_help(
+            "magpie: tokenizer (folder or model name) whose chat template gives the pre-query "
+            "prefix; empty = the teacher model's own"
+        ),
+    )
+    query_max_tokens: int = field(
+        default=256,
+        metadata=_help("magpie: completion tokens for a user turn; evol: for a rewrite"),
+    )
+    max_repetition: float = field(
+        default=0.5,
+        metadata=_help("magpie: drop a turn whose share of repeated word 3-grams exceeds this"),
+    )
+    language: Literal["en", ""] = field(
+        default="en", metadata=_help("magpie: keep questions that read as English; '' keeps any")
+    )
+    evol_generations: int = field(
+        default=3,
+        metadata=_help("evol: an instruction evolved this many times is not evolved again"),
+    )
+    evol_operations: list[str] = field(
+        default_factory=lambda: [
+            "add_constraints",
+            "deepen",
+            "concretize",
+            "increase_reasoning",
+            "complicate_input",
+            "breadth",
+        ],
+        metadata=_help("evol: the operations drawn from, uniformly (in depth, and breadth)"),
+    )
+    keep_reasoning: bool = field(
+        default=True,
+        metadata=_help(
+            "magpie, evol: a reasoning teacher's thinking (reasoning_content, or <think>...</think>) "
+            "goes to the record's `reasoning` field; false drops it (never left in the output)"
+        ),
+    )
+    evol_min_new_words: int = field(
+        default=3,
+        metadata=_help(
+            "evol: fewer new content words than this vs the parent is no information gain"
+        ),
+    )
+
     # Filters
     rouge_threshold: float = field(
         default=0.7,
@@ -231,6 +290,17 @@ class GenerateConfig:
             self.teacher = "openai"
         if self.num_instructions < 1:
             raise ValueError("num_instructions must be at least 1")
+        if self.mode == "magpie":
+            if self.api == "batch":
+                raise ValueError("magpie mode needs raw completions; the Batch API sends chat")
+            self.api = "completions"  # the teacher continues its own template's text
+        from corral.data_gen.evol import OPERATIONS
+
+        unknown = sorted(set(self.evol_operations) - set(OPERATIONS))
+        if unknown or not self.evol_operations:
+            raise ValueError(f"evol_operations: choose from {', '.join(OPERATIONS)}, got {unknown}")
+        if self.magpie_turns < 1 or self.evol_generations < 1:
+            raise ValueError("magpie_turns and evol_generations must be at least 1")
         if self.turns < 1:
             raise ValueError("turns must be at least 1")
         if not 0.0 <= self.rouge_threshold <= 1.0:

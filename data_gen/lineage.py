@@ -27,6 +27,7 @@ from corral.fileio import atomic_open
 from corral.rouge import rouge_tokens
 
 MOST_SIMILAR = 10
+_METHOD_KEYS = ("operation", "generation", "ancestors", "system_prompt")
 _BLOCK = 512  # rows scored at once: memory stays at a block x all instructions
 
 
@@ -107,6 +108,9 @@ def write_lineage(
                     "rouge_l": task.get("rouge_l"),
                     "most_similar_instructions": similar,
                     "avg_similarity_score": average,
+                    # Evol-Instruct: the operation, generation and chain from the root seed;
+                    # Magpie: the steering system prompt.
+                    **{key: origin[key] for key in _METHOD_KEYS if key in origin},
                 }
                 handle.write(json.dumps(line, ensure_ascii=False) + "\n")
                 written += 1

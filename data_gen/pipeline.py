@@ -27,6 +27,7 @@ from corral.data_gen.filters import InstructionRules, filter_instances
 from corral.data_gen.journal import Journal
 from corral.data_gen.lineage import lineage_path, write_lineage
 from corral.data_gen.manifest import build_manifest, read_estimate, run_paths
+from corral.data_gen.methods import method_fingerprint, method_for
 from corral.data_gen.teachers import Completion, FailedRequest, OpenAIBatchTeacher, SamplingParams
 
 from corral.config import config_to_dict
@@ -194,6 +195,7 @@ def records_from_tasks(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ]
     return [
         {"instruction": t["instruction"], "input": inst["input"], "output": inst["output"]}
+        | ({"reasoning": inst["reasoning"]} if inst.get("reasoning") else {})  # magpie, evol
         for t in tasks
         for inst in t["instances"]
     ]
@@ -229,6 +231,7 @@ class _Generator:
         )
         random.Random(0).shuffle(picked)
         self.classification_fewshot = picked[: config.classification_examples]
+        self.method = method_for(config, seeds, teacher)  # magpie and evol rounds (methods.py)
 
     def restore(self, tasks: list[dict[str, Any]], drops: dict[str, int], candidates: int) -> None:
         """Continue a journaled run: its kept tasks join the pool, its counters carry on."""
@@ -237,9 +240,13 @@ class _Generator:
             self.machine_instructions.append(task["instruction"])
         self.drops = Counter(drops)
         self.candidates = candidates
+        if self.method is not None:
+            self.method.restore(tasks)
 
     def round(self, rng: random.Random, size: int) -> list[dict[str, Any]]:
         """One round of the configured mode: `size` first requests, and the tasks accepted."""
+        if self.method is not None:
+            return self.method.round(self, rng, size)
         if self.config.mode == "alpaca":
             return self.alpaca_round(rng, size)
         if self.config.mode == "conversations":
@@ -528,7 +535,7 @@ def _generate(
             for path in (journal_path, manifest_path, output_path, lineage_path(config.output)):
                 path.unlink(missing_ok=True)
         journal = Journal(journal_path)
-        state = journal.open(run_fingerprint(config, seeds_info))
+        state = journal.open({**run_fingerprint(config, seeds_info), **method_fingerprint(config)})
         if own_teacher and teacher is None and len(state.tasks) < config.num_instructions:
             teacher = build_teacher(config)  # a resumed run that still has work to do
         if isinstance(teacher, OpenAIBatchTeacher):

@@ -49,6 +49,7 @@ class Completion:
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    reasoning: str = ""  # what a reasoning server returned apart (`reasoning_content`)
 
 
 @dataclass
@@ -441,6 +442,7 @@ class OpenAICompatibleTeacher(_CountsUsage):
             finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),
+            reasoning=_reasoning_content(choice),
         )
 
     def close(self) -> None:
@@ -644,6 +646,14 @@ def _request_index(custom_id: Any, count: int) -> int | None:
 def _short(exc: Exception) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _reasoning_content(choice: dict[str, Any]) -> str:
+    """A chat reply's separate reasoning (vLLM and DeepSeek: `reasoning_content`; some servers
+    call it `reasoning`), or ""."""
+    message = choice.get("message") or {}
+    value = message.get("reasoning_content") or message.get("reasoning") or ""
+    return value if isinstance(value, str) else ""
 
 
 def local_dtype(name: str) -> Any:

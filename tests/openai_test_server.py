@@ -21,6 +21,8 @@ or as a separate process (benchmarks, manual runs), which prints its base URL on
     python tests/openai_test_server.py --port 0 --latency 0.1
 
 `responder(prompt, request) -> str` replaces the canned teacher; `stats` counts what happened.
+`reasoning="field"` makes it a reasoning teacher that returns its thinking as `reasoning_content`
+(chat), `reasoning="think"` one that writes it inline as `<think>…</think>` before the answer.
 
 It also speaks OpenAI's Batch API: `POST /v1/files` (multipart, purpose batch), `GET
 /v1/files/{id}/content`, `POST /v1/batches` and `GET /v1/batches/{id}`. A batch completes
@@ -180,9 +182,74 @@ def _alpaca_items(rng: random.Random, first: int, last: int, chat: bool) -> str:
     return "".join(parts)
 
 
+# Chat templates' headers: a raw prompt ending in one asks for that role's turn (Magpie).
+_USER_HEADERS = ("<|im_start|>user", "<|start_header_id|>user<|end_header_id|>", "[INST]")
+_ASSISTANT_HEADERS = (
+    "<|im_start|>assistant",
+    "<|start_header_id|>assistant<|end_header_id|>",
+    "[/INST]",
+)
+_CONSTRAINTS = [
+    "Answer in exactly {n} bullet points.",
+    "Keep the answer under {n}0 words and give one example.",
+    "Explain your reasoning in {n} numbered steps.",
+    "Use the table below: | item | cost | with {n} rows about {topic}.",
+    "Compare it with {topic} and justify each of {n} claims.",
+]
+
+
+def canned_magpie_question(rng: random.Random) -> str:
+    """A user's question as a chat model writes one after its user header; now and then one that
+    Magpie's filters must drop."""
+    roll = rng.random()
+    if roll < 0.06:
+        return "Sure! Here is a short summary of the topic you asked about."  # not a request
+    if roll < 0.10:
+        return "¿Cuáles son las principales causas de la erosión en las costas del norte?"
+    if roll < 0.14:
+        return "Tell me more more more more more more more more more more more more about it"
+    instruction = canned_instruction(rng)
+    return (
+        instruction
+        if rng.random() < 0.5
+        else f"Could you {instruction[0].lower()}{instruction[1:-1]}?"
+    )
+
+
+def canned_evolution(prompt: str, rng: random.Random) -> str:
+    """What a teacher writes when asked to evolve an instruction (see data_gen/evol.py)."""
+    original = (
+        prompt.rsplit("Original instruction:", 1)[-1].rsplit("New instruction:", 1)[0].strip()
+    )
+    if "brand-new instruction" in prompt:
+        return canned_instruction(rng)
+    roll = rng.random()
+    if roll < 0.08:
+        return original  # no information gain
+    if roll < 0.14:
+        return f"New instruction: {original} Be thorough."  # copies the prompt's words
+    constraint = rng.choice(_CONSTRAINTS).format(n=rng.randint(2, 9), topic=rng.choice(_TOPICS))
+    return f"{original} {constraint}"
+
+
 def canned_teacher_reply(prompt: str, rng: random.Random, *, chat: bool) -> str:
     """What a cooperative teacher would write for each of Corral's prompt kinds."""
     tail = prompt.rstrip()
+    if tail.endswith(_USER_HEADERS):
+        return canned_magpie_question(rng) + "<|im_end|>"
+    if tail.endswith(_ASSISTANT_HEADERS):
+        if rng.random() < 0.05:
+            return "yes yes yes yes yes yes yes yes yes yes yes yes yes yes yes<|im_end|>"
+        return canned_answer(rng, "") + "<|im_end|>\n<|im_start|>user\nThanks!"
+    if tail.endswith("New instruction:"):
+        return canned_evolution(prompt, rng)
+    if any(c.split("{")[0] in prompt for c in _CONSTRAINTS) or re.fullmatch(
+        rf"(?:{'|'.join(_VERBS)}) .* of .*\.", tail
+    ):
+        # An evolved instruction sent to be answered.
+        if rng.random() < 0.08:
+            return "Sorry, I can't help with that request."
+        return canned_answer(rng, prompt)
     if tail.endswith("Is it classification?"):
         task = tail.rsplit("Task:", 1)[-1].rsplit("Is it classification?", 1)[0]
         return " Yes" if _CLASSIFY_WORDS.search(task) else " No"
@@ -244,8 +311,10 @@ class OpenAITestServer:
         model: str = "canned-teacher",
         batch_seconds: float = 0.0,
         batch_faults: Iterable[str | None] = (),
+        reasoning: str = "",
     ) -> None:
         self.responder = responder
+        self.reasoning = reasoning
         self.latency = latency
         self.retry_after = retry_after
         self.slow_seconds = slow_seconds
@@ -312,6 +381,11 @@ class OpenAITestServer:
             text = self.responder(prompt, request)
         else:
             text = canned_teacher_reply(prompt, rng, chat=chat)
+        thought = ""
+        if self.reasoning and (chat or prompt.rstrip().endswith(_ASSISTANT_HEADERS)):
+            thought = f"The user asks: {len(prompt.split())} words. Think it through, then answer."
+            if self.reasoning == "think" or not chat:
+                text, thought = f"<think>\n{thought}\n</think>\n\n{text}", ""
         finish = "stop"
         stops = request.get("stop") or []
         if isinstance(stops, str):
@@ -336,11 +410,10 @@ class OpenAITestServer:
             "usage": usage,
         }
         if chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish,
-            }
+            message = {"role": "assistant", "content": text}
+            if thought:
+                message["reasoning_content"] = thought  # as vLLM's reasoning parsers return it
+            choice = {"index": 0, "message": message, "finish_reason": finish}
             return {**base, "object": "chat.completion", "choices": [choice]}
         choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
         return {**base, "object": "text_completion", "choices": [choice]}
