@@ -15,8 +15,9 @@ learned answers badly). Four kinds of folder carry one:
   generate (training.preference.RewardModel loads it).
 
 Beside those, a training run holds `corral_config.yaml` (the resolved config), `metrics.jsonl`,
-`train_summary.json`, `tensorboard/` and `checkpoints/checkpoint-STEP/` (each with
-`trainer_state.json`). `RunDir` builds every one of these paths and owns the folder's lifecycle:
+`train_summary.json`, `tensorboard/`, `checkpoints/checkpoint-STEP/` (each with
+`trainer_state.json`) and, for an objective that samples completions when it evaluates,
+`eval_samples.jsonl`. `RunDir` builds every one of these paths and owns the folder's lifecycle:
 claim it (a lock beside it), refuse a finished run or foreign files unless asked to replace them,
 replace, or resume from the latest complete checkpoint. Pure: JSON, paths and file locks only.
 """
@@ -43,6 +44,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "train_summary.json"
 CHECKPOINTS_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
+EVAL_SAMPLES_FILE = "eval_samples.jsonl"  # completions an objective samples at its evaluations
 TRAINER_STATE_FILE = "trainer_state.json"  # in each checkpoint: the step it holds
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -294,9 +296,11 @@ class RunDir:
 
     # What a run writes before its first checkpoint: a folder holding only these is an interrupted
     # start, which a new launch starts afresh.
-    START_FILES = frozenset({CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, CHECKPOINTS_DIR})
+    START_FILES = frozenset(
+        {CONFIG_FILE, METRICS_FILE, EVAL_SAMPLES_FILE, TENSORBOARD_DIR, CHECKPOINTS_DIR}
+    )
     # What replacing a run removes (its weights are overwritten by the new run's).
-    RUN_RECORDS = (CHECKPOINTS_DIR, RUN_INFO_FILE, SUMMARY_FILE, METRICS_FILE)
+    RUN_RECORDS = (CHECKPOINTS_DIR, RUN_INFO_FILE, SUMMARY_FILE, METRICS_FILE, EVAL_SAMPLES_FILE)
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
@@ -321,6 +325,10 @@ class RunDir:
     @property
     def summary_file(self) -> Path:
         return self.root / SUMMARY_FILE
+
+    @property
+    def eval_samples_file(self) -> Path:
+        return self.root / EVAL_SAMPLES_FILE
 
     @property
     def tensorboard_dir(self) -> Path:

@@ -239,6 +239,7 @@ def test_a_run_directory_names_every_path(tmp_path):
         root / "tensorboard",
         root / "checkpoints",
     )
+    assert run.eval_samples_file == root / "eval_samples.jsonl"
     assert run.lock_file == tmp_path / "run.lock"
     assert run.adapter_files == (root / "adapter_config.json", root / "adapter_model.safetensors")
     assert run.checkpoint(7) == root / "checkpoints" / "checkpoint-7"

@@ -10,8 +10,11 @@ bottom; each part it calls can be read alone:
 - `step_batches` + `train_step`: the micro-batches of one optimizer step and the step itself; the
   objective makes the batches and gives each its loss;
 - `evaluate`: the objective's validation metrics, reduced over processes;
-- `save_checkpoint` (training/checkpoint.py), `save_final` and `write_summary`: the run directory,
-  whose every path and whose lifecycle (claim, refuse, replace, resume) corral/rundir.py owns.
+- `checkpoint` (training/checkpoint.py), then `save_final` and `write_summary`
+  (training/finish.py): the run directory, whose every path and whose lifecycle (claim, refuse,
+  replace, resume) corral/rundir.py owns.
+
+What `setup` builds and each step returns: training/run.py (`TrainingRun`, `StepResult`).
 
 Tools that watch a run (scripts/gpu_check.py, the benchmarks) pass callbacks
 (training/callbacks.py), called at setup, each step's start and end, each evaluation and each save.
@@ -20,11 +23,9 @@ Tools that watch a run (scripts/gpu_check.py, the benchmarks) pass callbacks
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,22 +37,21 @@ from corral.training.checkpoint import (
     save_checkpoint,
 )
 from corral.training.config import TrainConfig
-from corral.training.data import plan_batches, shard_for_process
-from corral.training.export import carry_template_for_engines
+from corral.training.data import count_steps_per_epoch, plan_batches, shard_for_process
+from corral.training.finish import save_final, write_summary
 from corral.training.metrics import MetricsLogger, Throughput
-from corral.training.objectives import Objective, objective_for
+from corral.training.objectives import objective_for
 from corral.training.processes import (
     StopFlag,
-    check_ranks_agree,
+    claim_run_dir,
     engine_accumulates,
     make_accelerator,
     precision_name,
 )
+from corral.training.run import StepResult, TrainingRun
 
 from corral.config import config_to_yaml, save_config
-from corral.errors import CorralError, RecordError, UsageError
-from corral.fileio import atomic_write_text
-from corral.rundir import RunDir, run_info_for_training, write_run_info
+from corral.rundir import RunDir
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,59 +68,6 @@ class TrainingStopped(Exception):
             f"stopped by SIGTERM at step {step}; checkpoint saved in {checkpoint}; "
             "run again with resume=auto to continue"
         )
-
-
-@dataclass
-class TrainingRun:
-    """Everything `setup` builds, and the position of the run (`step`)."""
-
-    config: TrainConfig
-    objective: Objective
-    accelerator: Any
-    tokenizer: Any
-    template: Any
-    train_examples: list
-    val_examples: list
-    tokenization: Any  # training.data.TokenizationReport
-    lengths: list[int]
-    steps_per_epoch: int
-    total_steps: int
-    model: Any
-    optimizer: Any
-    scheduler: Any
-    trainable_parameters: int
-    files: RunDir
-    resumed_from: Path | None
-    step: int = 0
-    callbacks: Sequence[TrainingCallback] = ()
-    # The latest logged metrics of this session (train step and evaluation), for the summary.
-    latest_train: dict[str, float] = field(default_factory=dict)
-    latest_eval: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def run_dir(self) -> Path:
-        return self.files.root
-
-    @property
-    def world(self) -> int:
-        return self.accelerator.num_processes
-
-    @property
-    def device(self) -> Any:
-        return self.accelerator.device
-
-
-@dataclass
-class StepResult:
-    """What one optimizer step did, agreed over every process."""
-
-    loss: float  # mean loss per loss unit (sft: trained token; dpo, reward: pair)
-    tokens: int  # non-padding tokens of the step, prompt and answer alike
-    seconds: float
-    grad_norm: float | None
-    stop_requested: bool  # some process received SIGTERM
-    # The objective's metrics (means per loss unit) and its extra step metrics (timings, ...).
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------ the recipe
@@ -187,35 +134,6 @@ def _train(run: TrainingRun) -> Path:
 
 
 # ------------------------------------------------------------------------------ setup
-
-
-@contextlib.contextmanager
-def claim_run_dir(config: TrainConfig, accelerator: Any) -> Iterator[None]:
-    """One launch at a time writes a run directory, and never over a finished run unless asked.
-
-    The main process claims the folder (corral/rundir.py: lock, refuse or replace); every process
-    learns the verdict before any of them does work, so a refused launch stops whole instead of
-    hanging in a collective.
-    """
-    from accelerate.utils import broadcast_object_list
-
-    files = RunDir(config.output_dir)
-    with contextlib.ExitStack() as held:
-        refusal: CorralError | None = None
-        if accelerator.is_main_process:
-            try:
-                held.enter_context(
-                    files.claim(resume=bool(config.resume), overwrite=config.overwrite_output_dir)
-                )
-            except CorralError as exc:
-                refusal = exc
-        verdict = [None if refusal is None else str(refusal)]
-        broadcast_object_list(verdict, from_process=0)
-        if refusal is not None:
-            raise refusal
-        if verdict[0] is not None:
-            raise UsageError(verdict[0])
-        yield
 
 
 def setup(
@@ -319,24 +237,6 @@ def setup(
         step=step,
         callbacks=tuple(callbacks),
     )
-
-
-def count_steps_per_epoch(config: TrainConfig, lengths: list[int], world: int) -> int:
-    """Optimizer steps in one epoch: whole steps of every process's shard of the batch plan."""
-    per_step = config.gradient_accumulation_steps
-    plan = plan_batches(
-        lengths, config.micro_batch_size, seed=config.seed, epoch=0, group_by_length=False
-    )
-    batches = shard_for_process(plan, num_processes=world, process_index=0, per_step=per_step)
-    steps = len(batches) // per_step
-    if steps == 0:
-        raise RecordError(
-            config.data,
-            f"{len(lengths)} training examples do not fill one optimizer step of "
-            f"{config.micro_batch_size} x {per_step} accumulation x {world} processes; "
-            "lower micro_batch_size or gradient_accumulation_steps",
-        )
-    return steps
 
 
 # ------------------------------------------------------------------------------ one step
@@ -537,75 +437,3 @@ def checkpoint(run: TrainingRun) -> Path:
     for callback in run.callbacks:
         callback.on_save(run, saved)
     return saved
-
-
-def save_final(run: TrainingRun) -> None:
-    """The run directory's top level: adapter (or full weights), tokenizer, run_info.json."""
-    from accelerate.utils import DistributedType
-    from corral.training.model import REFERENCE_ADAPTER
-
-    import corral
-    from corral.models import resolve_model
-
-    accelerator, config = run.accelerator, run.config
-    accelerator.wait_for_everyone()
-    state_dict = None
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        state_dict = accelerator.get_state_dict(run.model)  # gathers the shards on the main process
-    unwrapped = accelerator.unwrap_model(run.model)
-    if accelerator.is_main_process:
-        # An adapter run carries the chat template too: vLLM serves a LoRA module with the base's
-        # tokenizer, and takes this folder's template with --chat-template RUN/chat_template.jinja.
-        full_weights = config.weights == "full"
-        carry_template_for_engines(
-            run.tokenizer, run.template, unwrapped.generation_config if full_weights else None
-        )
-        # dpo after init_adapter: the trained adapter only, not the frozen reference copy.
-        only_trained = (
-            {"selected_adapters": ["default"]}
-            if REFERENCE_ADAPTER in getattr(unwrapped, "peft_config", {})
-            else {}
-        )
-        unwrapped.save_pretrained(
-            run.run_dir, state_dict=state_dict, safe_serialization=True, **only_trained
-        )
-        run.tokenizer.save_pretrained(run.run_dir)
-        info = run_info_for_training(
-            base_model=config.model,
-            base_model_path=resolve_model(config.model),
-            method=config.recorded_method,
-            objective=config.objective,
-            weights=config.weights,
-            template=run.template,
-            max_length=config.max_length,
-            corral_version=corral.__version__,
-        )
-        write_run_info(run.run_dir, info)
-    accelerator.wait_for_everyone()
-
-
-def write_summary(run: TrainingRun, speed: Throughput, *, seconds: float) -> None:
-    """`train_summary.json`, after checking that data-parallel ranks ended with equal weights."""
-    fingerprints = check_ranks_agree(run.accelerator, run.model)
-    if not run.accelerator.is_main_process:
-        return
-    summary = {
-        "steps": run.step,
-        "world_size": run.world,
-        "train_examples": len(run.train_examples),
-        "validation_examples": len(run.val_examples),
-        "tokenization": {k: v for k, v in vars(run.tokenization).items() if k != "dropped_indices"},
-        "trainable_parameters": run.trainable_parameters,
-        "session_tokens": speed.session_tokens,
-        "session_train_seconds": round(speed.session_seconds, 3),
-        "session_tokens_per_s": round(speed.session_tokens / speed.session_seconds, 2)
-        if speed.session_seconds
-        else None,
-        "rank_fingerprints": fingerprints,
-        "precision": precision_name(run.accelerator),
-        "seconds": round(seconds, 2),
-        "objective": run.config.objective,
-        "weights": run.config.weights,
-        **run.objective.summary_fields(run),
-    }
-    atomic_write_text(run.files.summary_file, json.dumps(summary, indent=2) + "\n")

@@ -17,7 +17,7 @@ handled by training/model.py; `config.OBJECTIVE_WEIGHTS` says which each objecti
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from corral.training.batches import collate, completion_loss_sum
 from corral.training.config import TrainConfig
@@ -37,6 +37,9 @@ from corral.training.preference import (
 
 from corral.errors import RecordError
 
+if TYPE_CHECKING:  # training/run.py holds an Objective: the run is named here for typing alone
+    from corral.training.run import TrainingRun
+
 
 class Objective:
     """One training method's part of a run. The contract the loop relies on:
@@ -44,11 +47,14 @@ class Objective:
     Chosen once: `objective_for(config)` builds it before the data are read; the loop never tests
     the method's name. Class attributes describe it: `name` (the config's `method`), `unit` (what
     the data line and losses count: "examples" or "pairs"), `metric_names` (metrics besides the
-    loss that a step's batches and an evaluation report, as means per loss unit),
-    `sequence_classifier` (the model is a sequence classifier with a scalar head, not a causal LM)
-    and `uses_reference` (a reference policy exists: `training.preference.reference_policy(model,
-    peft_model)` runs a forward as the base with the adapter disabled, or as the frozen init_adapter
-    copy; an objective with a KL term reuses it rather than holding a second model).
+    loss that a step's batches and an evaluation report, as means per loss unit) and
+    `sequence_classifier` (the model is a sequence classifier with a scalar head, not a causal LM).
+
+    A reference policy (DPO's; any objective with a KL term to the starting policy): call
+    `training.preference.reference_policy(run.model, run.accelerator.unwrap_model(run.model))` around
+    a forward without gradients. It runs the base with the adapter disabled or, with
+    `init_adapter`, the frozen copy of that SFT adapter; no second model is held. Objectives listed
+    in config.REFERENCE_OBJECTIVES accept `init_adapter`.
 
     Data: `prepare_examples` returns (train examples, validation examples, TokenizationReport); each
     example has a `len()` in tokens, which plans the batches and bounds forward passes.
@@ -68,8 +74,9 @@ class Objective:
 
     Evaluation: `evaluate(run)` returns {"loss": ..., other metrics} (None without validation data);
     the default is the validation loss and `metric_names` over `run.val_examples`, reduced over
-    processes. An objective may evaluate otherwise (held-out reward or accuracy by generation) and
-    keep sample completions from each evaluation.
+    processes. An objective may evaluate otherwise (held-out reward or accuracy by generation); the
+    loop logs every field as `eval_<name>` and passes the result to callbacks. Sample completions
+    of an evaluation go to `run.files.eval_samples_file` (JSONL, main process, a `step` per row).
 
     Exact resume: `state_dict()` (e.g. a rollout buffer, a sampling RNG) is saved with every
     checkpoint, one file per process, and `load_state_dict(state)` restores it on resume; an
@@ -77,13 +84,15 @@ class Objective:
 
     The summary: `summary_fields(run)` adds to train_summary.json (the reward model's held-out
     pairwise accuracy, for one). `describe()` is a line for the start of the run, or None.
+
+    Adding an objective: its class in `OBJECTIVES` below, its name and weights in
+    config.OBJECTIVE_WEIGHTS, and its name in corral.rundir.METHODS (run_info.json's `method`).
     """
 
     name: ClassVar[str]
     unit: ClassVar[str] = "examples"
     metric_names: ClassVar[tuple[str, ...]] = ()
     sequence_classifier: ClassVar[bool] = False
-    uses_reference: ClassVar[bool] = False
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
@@ -96,10 +105,10 @@ class Objective:
     def prepare_examples(self, tokenizer: Any, template: Any) -> tuple[list, list, Any]:
         raise NotImplementedError
 
-    def collate(self, run: Any, examples: list) -> dict[str, Any]:
+    def collate(self, run: TrainingRun, examples: list) -> dict[str, Any]:
         raise NotImplementedError
 
-    def make_batches(self, run: Any, micro: list[list[int]]) -> list[dict[str, Any]]:
+    def make_batches(self, run: TrainingRun, micro: list[list[int]]) -> list[dict[str, Any]]:
         """The step's forward passes. Each micro-batch may run as several passes of at most
         max_tokens_per_forward tokens: the same examples, the same gradient, bounded memory."""
         budget = self.config.max_tokens_per_forward
@@ -111,18 +120,18 @@ class Objective:
 
     # ---- the loss
 
-    def loss_sum(self, run: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+    def loss_sum(self, run: TrainingRun, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
         raise NotImplementedError
 
     def loss_units(self, batch: dict[str, Any]) -> int:
         raise NotImplementedError
 
-    def step_metrics(self, run: Any) -> dict[str, float]:
+    def step_metrics(self, run: TrainingRun) -> dict[str, float]:
         return {}
 
     # ---- evaluation, resume, summary
 
-    def evaluate(self, run: Any) -> dict[str, float] | None:
+    def evaluate(self, run: TrainingRun) -> dict[str, float] | None:
         """The validation loss per unit and `metric_names` (means per unit), over all processes."""
         import torch
 
@@ -150,7 +159,7 @@ class Objective:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned (nothing to restore by default)."""
 
-    def summary_fields(self, run: Any) -> dict[str, Any]:
+    def summary_fields(self, run: TrainingRun) -> dict[str, Any]:
         return {}
 
 
@@ -186,7 +195,7 @@ class SupervisedFineTuning(Objective):
                 val_examples = []
         return train_examples, val_examples, report
 
-    def collate(self, run: Any, examples: list) -> dict[str, Any]:
+    def collate(self, run: TrainingRun, examples: list) -> dict[str, Any]:
         """Padded rows, or with packing one padding-free row per micro-batch."""
         return collate(
             examples,
@@ -195,7 +204,7 @@ class SupervisedFineTuning(Objective):
             row_capacity=self.config.max_length,
         )
 
-    def loss_sum(self, run: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+    def loss_sum(self, run: TrainingRun, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
         loss_sum, _ = completion_loss_sum(run.model, batch, run.device)
         return loss_sum, {}
 
@@ -211,7 +220,7 @@ class PreferencePairs(Objective):
     def prepare_examples(self, tokenizer: Any, template: Any) -> tuple[list, list, Any]:
         return prepare_pairs(self.config, tokenizer, template)
 
-    def collate(self, run: Any, examples: list) -> dict[str, Any]:
+    def collate(self, run: TrainingRun, examples: list) -> dict[str, Any]:
         """One batch of 2n sequences: the n chosen, then the n rejected."""
         return collate_pairs(
             examples,
@@ -223,7 +232,7 @@ class PreferencePairs(Objective):
     def loss_units(self, batch: dict[str, Any]) -> int:
         return batch["num_pairs"]
 
-    def summary_fields(self, run: Any) -> dict[str, Any]:
+    def summary_fields(self, run: TrainingRun) -> dict[str, Any]:
         """The final metrics of this session, means per pair."""
         return {
             "method": self.config.method,
@@ -237,7 +246,6 @@ class DirectPreference(PreferencePairs):
 
     name = "dpo"
     metric_names = PAIR_METRICS["dpo"]
-    uses_reference = True
 
     def describe(self) -> str:
         config = self.config
@@ -249,7 +257,7 @@ class DirectPreference(PreferencePairs):
         )
         return f"dpo: beta {config.beta}, loss {config.loss_type}; the policy starts from {start}"
 
-    def loss_sum(self, run: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+    def loss_sum(self, run: TrainingRun, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
         return dpo_loss_sum(
             run.model,
             batch,
@@ -267,10 +275,10 @@ class RewardModelling(PreferencePairs):
     metric_names = PAIR_METRICS["reward"]
     sequence_classifier = True
 
-    def loss_sum(self, run: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+    def loss_sum(self, run: TrainingRun, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
         return reward_loss_sum(run.model, batch, run.device)
 
-    def summary_fields(self, run: Any) -> dict[str, Any]:
+    def summary_fields(self, run: TrainingRun) -> dict[str, Any]:
         # The held-out pairwise accuracy: how often the reward model ranks chosen first.
         return {
             **super().summary_fields(run),

@@ -1,4 +1,5 @@
-"""The processes of a launch: the accelerator, SIGTERM between steps, and agreement between ranks.
+"""The processes of a launch: the accelerator, the run directory's claim (one verdict for every
+process), SIGTERM between steps, and agreement between ranks.
 
 Whatever runs the loop (`python train.py`, `corral train`, `accelerate launch` with DDP, FSDP or
 DeepSpeed) meets it through these few functions; training/loop.py holds no launcher detail.
@@ -6,13 +7,16 @@ DeepSpeed) meets it through these few functions; training/loop.py holds no launc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+from collections.abc import Iterator
 from typing import Any
 
 from corral.training.config import TrainConfig
 
-from corral.errors import ConfigError
+from corral.errors import ConfigError, CorralError, UsageError
+from corral.rundir import RunDir
 
 
 class StopFlag:
@@ -35,6 +39,35 @@ class StopFlag:
     def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+@contextlib.contextmanager
+def claim_run_dir(config: TrainConfig, accelerator: Any) -> Iterator[None]:
+    """One launch at a time writes a run directory, and never over a finished run unless asked.
+
+    The main process claims the folder (corral/rundir.py: lock, refuse or replace); every process
+    learns the verdict before any of them does work, so a refused launch stops whole instead of
+    hanging in a collective.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    files = RunDir(config.output_dir)
+    with contextlib.ExitStack() as held:
+        refusal: CorralError | None = None
+        if accelerator.is_main_process:
+            try:
+                held.enter_context(
+                    files.claim(resume=bool(config.resume), overwrite=config.overwrite_output_dir)
+                )
+            except CorralError as exc:
+                refusal = exc
+        verdict = [None if refusal is None else str(refusal)]
+        broadcast_object_list(verdict, from_process=0)
+        if refusal is not None:
+            raise refusal
+        if verdict[0] is not None:
+            raise UsageError(verdict[0])
+        yield
 
 
 def make_accelerator(config: TrainConfig) -> Any:
