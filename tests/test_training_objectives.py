@@ -55,6 +55,8 @@ def test_one_list_names_the_objectives_and_the_choices_follow_it():
     hints = typing.get_type_hints(TrainConfig)
     assert typing.get_args(hints["method"]) == METHOD_CHOICES == (*OBJECTIVES, *WEIGHTS)
     assert typing.get_args(hints["weights"]) == ("", *WEIGHTS)
+    # run_info.json's method: the weights of an sft run, else the objective.
+    assert set(METHODS) == {*WEIGHTS, *OBJECTIVES} - {"sft"}
 
 
 @pytest.mark.parametrize(
@@ -331,3 +333,12 @@ def test_serving_states_how_long_the_run_trained():
     assert "at most 512 tokens" in note and "8192" in note
     assert info.beyond_training_note(512) is None
     assert RunInfo("b", "lora", "alpaca", "adapter").beyond_training_note(8192) is None
+
+
+def test_tools_watch_a_run_through_callbacks_not_by_replacing_loop_functions():
+    tools = [REPO / "scripts" / "gpu_check.py", *sorted((REPO / "benchmarks").glob("*.py"))]
+    for path in tools:
+        source = path.read_text(encoding="utf-8")
+        assert not re.search(r"loop\.\w+\s*(,\s*loop\.\w+\s*)*=[^=]", source), path
+        assert "runpy" not in source, path
+    assert "TrainingCallback" in tools[0].read_text(encoding="utf-8")
