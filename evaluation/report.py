@@ -30,7 +30,7 @@ from corral.errors import RecordError
 from corral.fileio import atomic_write_text
 from corral.records import read_alpaca, read_seed_tasks
 from corral.rouge import RougeNoveltyIndex
-from corral.rundir import has_run_info, read_metrics, read_run_info
+from corral.rundir import RUN_INFO_FILE, has_run_info, read_metrics, read_run_info
 
 # How many records at most get a nearest-seed ROUGE-L score (a random sample beyond that).
 ROUGE_SAMPLE = 5000
@@ -295,7 +295,7 @@ def build_report(paths: list[Path], seed_tasks: Path | None = None) -> str:
     for path in paths:
         if path.is_dir():
             if not has_run_info(path):
-                raise RecordError(path, "not a training run directory (no run_info.json)")
+                raise RecordError(path, f"not a training run directory (no {RUN_INFO_FILE})")
             sections.append(run_section(path))
             continue
         if not path.is_file():

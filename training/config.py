@@ -2,12 +2,14 @@
 
 Presets in configs/training/*.yaml set any of these fields; `key=value` overrides win.
 
-Methods: supervised fine-tuning on Alpaca records (`lora`, `qlora`, `full`), and two methods on
-preference pairs `{prompt, chosen, rejected}` (training/preference.py): `dpo` (Direct Preference
-Optimization of a LoRA adapter) and `reward` (a reward model: LoRA + a scalar head). RL with PPO
-(the third step of InstructGPT and DeepSpeed-Chat) is not offered: `dpo` optimises the same
-KL-constrained preference objective directly from the pairs, with no reward model or sampling in
-the loop.
+A run has an objective and weights. The objective (`method`, training/objectives.py) is what the
+loss is: supervised fine-tuning on Alpaca records (`sft`), or on preference pairs `{prompt, chosen,
+rejected}` (training/preference.py) Direct Preference Optimization (`dpo`) or a reward model
+(`reward`: LoRA + a scalar head). The weights (`weights`) are what trains: a LoRA adapter (`lora`),
+LoRA on a 4-bit base (`qlora`) or every weight (`full`). `method=lora|qlora|full`, the names of
+earlier versions, still mean `sft` with those weights. RL with PPO (the third step of InstructGPT
+and DeepSpeed-Chat) is not offered: `dpo` optimises the same KL-constrained preference objective
+directly from the pairs, with no reward model or sampling in the loop.
 """
 
 from __future__ import annotations
@@ -16,10 +18,25 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from corral.errors import ConfigError
+from corral.rundir import WEIGHTS
 from corral.templates import dolly_key_ids
 
-PREFERENCE_METHODS = ("dpo", "reward")  # trained on {prompt, chosen, rejected} pairs
-ADAPTER_METHODS = ("lora", "qlora", *PREFERENCE_METHODS)  # a LoRA adapter on a frozen base
+# The weights each objective can train; the one list of objective and weight names (the config's
+# choices, the registry in training/objectives.py and run_info.json's fields follow it).
+OBJECTIVE_WEIGHTS = {
+    "sft": WEIGHTS,
+    # The reference policy is the base with the adapter disabled (or a frozen adapter copy): full
+    # weights would need a second whole model in memory, which is not offered.
+    "dpo": ("lora", "qlora"),
+    # The reward model's folder is a peft SEQ_CLS adapter; a 4-bit or full sequence classifier
+    # would be a kind of folder nothing loads yet.
+    "reward": ("lora",),
+}
+OBJECTIVES = tuple(OBJECTIVE_WEIGHTS)
+PREFERENCE_OBJECTIVES = ("dpo", "reward")  # trained on {prompt, chosen, rejected} pairs
+REFERENCE_OBJECTIVES = ("dpo",)  # objectives with a reference policy: init_adapter applies
+# `method` takes an objective, or (as in earlier versions) a weights name meaning sft.
+METHOD_CHOICES = (*OBJECTIVES, *WEIGHTS)
 
 
 @dataclass
@@ -87,14 +104,22 @@ class TrainConfig:
         default="embedded",
         metadata={"help": "base model: embedded, tiny-random, a local folder or a hub id"},
     )
-    method: Literal["lora", "qlora", "full", "dpo", "reward"] = field(
+    method: Literal[METHOD_CHOICES] = field(
         default="lora",
         metadata={
-            "help": "lora, qlora (4-bit NF4 base + LoRA) or full (all weights) on Alpaca data; on "
-            "preference pairs: dpo (a LoRA adapter trained by Direct Preference Optimization) or "
-            "reward (a reward model: LoRA on the base + a scalar head on the last token, "
-            "pairwise loss). PPO is not offered: use dpo, which optimises the same objective "
-            "without a reward model or sampling"
+            "help": "the objective: sft on Alpaca data; on preference pairs dpo (Direct Preference "
+            "Optimization) or reward (a reward model: a scalar head on the last token, pairwise "
+            "loss). lora, qlora, full (earlier names) mean sft with those weights. PPO is not "
+            "offered: use dpo, which optimises the same objective without a reward model or "
+            "sampling"
+        },
+    )
+    weights: Literal[("", *WEIGHTS)] = field(
+        default="",
+        metadata={
+            "help": "what trains: lora (an adapter), qlora (4-bit NF4 base + LoRA) or full (all "
+            "weights); empty: lora, or the weights a method lora|qlora|full names. dpo takes "
+            "lora or qlora, reward lora"
         },
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
@@ -234,26 +259,27 @@ class TrainConfig:
         unknown = set(self.report_to) - {"tensorboard", "wandb", "none"}
         if unknown:
             raise ConfigError(f"key 'report_to': unknown tracker(s) {sorted(unknown)}")
-        if self.method == "full" and self.use_dora:
-            raise ConfigError("key 'use_dora': DoRA needs method lora or qlora")
+        self._resolve_weights()
+        if self.weights == "full" and self.use_dora:
+            raise ConfigError("key 'use_dora': DoRA needs weights lora or qlora")
         if not self.beta > 0:
             raise ConfigError(f"key 'beta': must be above 0, got {self.beta}")
-        if self.init_adapter and self.method != "dpo":
+        if self.init_adapter and self.objective not in REFERENCE_OBJECTIVES:
             raise ConfigError(
                 "key 'init_adapter': starts a dpo run from an SFT adapter; set method=dpo"
             )
-        if self.method in PREFERENCE_METHODS and self.train_on_inputs:
+        if self.objective in PREFERENCE_OBJECTIVES and self.train_on_inputs:
             raise ConfigError(
                 f"key 'train_on_inputs': method {self.method} compares answers to the same prompt; "
                 "the prompt is never trained (set it to false)"
             )
         if self.dolly_special_tokens and self.template != "dolly":
             raise ConfigError("key 'dolly_special_tokens': an option of template=dolly")
-        if self.dolly_special_tokens and self.method in PREFERENCE_METHODS:
+        if self.dolly_special_tokens and self.objective != "sft":
             raise ConfigError(
-                "key 'dolly_special_tokens': for supervised runs (method lora, qlora or full)"
+                "key 'dolly_special_tokens': for supervised runs (method sft, lora, qlora or full)"
             )
-        if self.method == "reward" and self.packing:
+        if self.objective == "reward" and self.packing:
             raise ConfigError(
                 "key 'packing': a reward model reads each sequence's last token, one sequence per "
                 "row; set packing=false"
@@ -264,3 +290,31 @@ class TrainConfig:
         if not self.dolly_special_tokens:
             return None
         return dolly_key_ids(tokenizer)
+
+    def _resolve_weights(self) -> None:
+        """Fill `weights` from `method` (lora|qlora|full name the weights of sft) and check it."""
+        if self.method in WEIGHTS:
+            if self.weights and self.weights != self.method:
+                raise ConfigError(
+                    f"key 'weights': method {self.method} already means sft with {self.method} "
+                    f"weights; for {self.weights} weights set method=sft weights={self.weights}"
+                )
+            self.weights = self.method
+        self.weights = self.weights or "lora"
+        allowed = OBJECTIVE_WEIGHTS[self.objective]
+        if self.weights not in allowed:
+            raise ConfigError(
+                f"key 'weights': method {self.objective} trains {' or '.join(allowed)} weights, "
+                f"not {self.weights}"
+            )
+
+    @property
+    def objective(self) -> str:
+        """What the loss is: sft, dpo or reward (training/objectives.py)."""
+        return "sft" if self.method in WEIGHTS else self.method
+
+    @property
+    def recorded_method(self) -> str:
+        """run_info.json's `method` as earlier versions wrote it: the weights for sft, else the
+        objective (so readers of those versions still load the run)."""
+        return self.weights if self.objective == "sft" else self.objective

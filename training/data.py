@@ -326,3 +326,21 @@ def split_by_token_budget(
     if current:
         chunks.append(current)
     return chunks
+
+
+def count_steps_per_epoch(config: Any, lengths: list[int], world: int) -> int:
+    """Optimizer steps in one epoch: whole steps of every process's shard of the batch plan."""
+    per_step = config.gradient_accumulation_steps
+    plan = plan_batches(
+        lengths, config.micro_batch_size, seed=config.seed, epoch=0, group_by_length=False
+    )
+    batches = shard_for_process(plan, num_processes=world, process_index=0, per_step=per_step)
+    steps = len(batches) // per_step
+    if steps == 0:
+        raise RecordError(
+            config.data,
+            f"{len(lengths)} training examples do not fill one optimizer step of "
+            f"{config.micro_batch_size} x {per_step} accumulation x {world} processes; "
+            "lower micro_batch_size or gradient_accumulation_steps",
+        )
+    return steps
