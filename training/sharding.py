@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from corral.training.checkpoint import TRAINER_STATE, checkpoint_root, prune_checkpoints
+from corral.training.checkpoint import prune_checkpoints
 
 from corral.errors import ConfigError, RunDirError, UsageError
+from corral.rundir import RunDir
 
 # The one policy the accelerate configs name (fsdp_auto_wrap_policy); the other two accelerate
 # offers (size-based, none) would cut LoRA layers apart or not shard by layer at all.
@@ -242,14 +243,15 @@ def save_sharded_checkpoint(
 
     Called on every rank. Written into a temporary folder and renamed by rank 0 when every rank
     has finished, so a kill leaves the whole checkpoint or none (the same contract as
-    training/checkpoint.py, whose `latest_checkpoint` finds these too).
+    training/checkpoint.py: `RunDir.latest_checkpoint` finds these too).
     """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
-    root = checkpoint_root(run_dir)
-    final = root / f"checkpoint-{state['step']}"
-    tmp = root / f".tmp-checkpoint-{state['step']}"
+    files = RunDir(run_dir)
+    root = files.checkpoints_dir
+    final = files.checkpoint(state["step"])
+    tmp = files.partial_checkpoint(state["step"])
     main = dist.get_rank() == 0
     if main:
         root.mkdir(parents=True, exist_ok=True)
@@ -258,11 +260,11 @@ def save_sharded_checkpoint(
     dcp.save(_training_state(model, optimizer, scheduler), checkpoint_id=str(tmp))
     dist.barrier()
     if main:
-        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+        RunDir.trainer_state_file(tmp).write_text(json.dumps(state, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        prune_checkpoints(run_dir, keep)
+        prune_checkpoints(files, keep)
     dist.barrier()
     return final
 
@@ -297,8 +299,9 @@ def load_sharded_checkpoint(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     checkpoint = Path(checkpoint)
-    if not (checkpoint / TRAINER_STATE).is_file():
-        raise RunDirError(f"{checkpoint}: not a complete checkpoint folder (no {TRAINER_STATE})")
+    state_file = RunDir.trainer_state_file(checkpoint)
+    if not state_file.is_file():
+        raise RunDirError(f"{checkpoint}: not a complete checkpoint folder (no {state_file.name})")
     state = _training_state(model, optimizer, scheduler)
     check_checkpoint_matches(checkpoint, state["model"])
     dcp.load(state, checkpoint_id=str(checkpoint))
@@ -311,7 +314,7 @@ def load_sharded_checkpoint(
         options=StateDictOptions(strict=False),
     )
     scheduler.load_state_dict(state["scheduler"])
-    return json.loads((checkpoint / TRAINER_STATE).read_text())
+    return json.loads(RunDir.trainer_state_file(checkpoint).read_text())
 
 
 # ------------------------------------------------------------------------------ the adapter
