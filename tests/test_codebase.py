@@ -110,3 +110,56 @@ def test_importing_the_4bit_stack_prints_nothing_a_user_cannot_act_on():
     )
     assert result.returncode == 0, result.stderr
     assert "kernels" not in result.stderr, result.stderr
+
+
+def _asserts(function: ast.AST, helpers: set[str]) -> bool:
+    """Whether `function` asserts: an assert statement, pytest.raises/warns/fail, or a call to an
+    `assert_…` function or to a helper of its module that asserts."""
+    for node in ast.walk(function):
+        if isinstance(node, ast.Assert):
+            return True
+        if isinstance(node, ast.Attribute) and node.attr in {"raises", "warns", "fail"}:
+            return True
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "id", None) or getattr(node.func, "attr", "")
+            if name.startswith("assert") or name in helpers:
+                return True
+    return False
+
+
+def test_every_test_asserts_something():
+    """A test that asserts nothing passes whatever the code does."""
+    silent = []
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        functions = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+        helpers = {f.name for f in functions if not f.name.startswith("test")}
+        helpers = {f.name for f in functions if f.name in helpers and _asserts(f, set())}
+        for node in ast.walk(tree):
+            is_test = isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            if is_test and node.name.startswith("test") and not _asserts(node, helpers):
+                silent.append(f"{path.relative_to(REPO)}::{node.name}")
+    assert silent == []
+
+
+def test_benchmarks_import_no_test_module_and_leave_sys_path_alone():
+    """Benchmarks run as `python -m benchmarks.NAME` over the installed package: what they share
+    with the tests lives in the product (corral.loopback, corral.training.mfu)."""
+    test_modules = {p.stem for p in (REPO / "tests").glob("*.py")}
+    found = []
+    for path in sorted((REPO / "benchmarks").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == "path":
+                if getattr(node.value, "id", None) == "sys":
+                    found.append(f"{path.name}: sys.path")
+            elif isinstance(node, ast.ImportFrom | ast.Import):
+                names = [node.module] if isinstance(node, ast.ImportFrom) else []
+                names += [
+                    a.name for a in getattr(node, "names", []) if isinstance(node, ast.Import)
+                ]
+                for name in filter(None, names):
+                    top = name.split(".")[0]
+                    if top == "tests" or top in test_modules:
+                        found.append(f"{path.name}: imports {name}")
+    assert found == []

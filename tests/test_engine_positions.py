@@ -3,6 +3,7 @@ off-by-one position a different model, whose greedy answers drift from transform
 
 from __future__ import annotations
 
+import pytest
 import torch
 from corral.inference.params import SamplingParams
 
@@ -43,6 +44,7 @@ def test_prefill_and_decode_positions_continue_each_prompt(tiny_model_path):
         assert positions[:, 0].tolist() == [5 + k, 8 + k]
 
 
+@pytest.mark.slow
 def test_greedy_answers_equal_a_full_forward_pass_at_every_step(
     embedded_model, embedded_tokenizer, one_torch_thread
 ):
