@@ -92,9 +92,17 @@ def cache_keyword(model: Any) -> str:
     transformers 5.24 renamed `past_key_values` to `cache` (the old name still works, with a
     deprecation warning, until 5.40); asking the forward itself keeps the engine right on both.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parameters = inspect.signature(base.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
+    # Wrappers (an adapter, an observer) take **kwargs: ask the model they wrap.
+    seen: set[int] = set()
+    while callable(getattr(model, "forward", None)) and id(model) not in seen:
+        seen.add(id(model))
+        parameters = inspect.signature(model.forward).parameters
+        for name in ("cache", "past_key_values"):
+            if name in parameters:
+                return name
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else None
+        model = inner if inner is not None else getattr(model, "model", None)
+    return "past_key_values"
 
 
 def uses_sliding_window(config: Any) -> bool:
