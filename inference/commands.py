@@ -1,6 +1,7 @@
 """`corral infer`, `corral chat` and `corral serve`.
 
-Only argparse and light modules at the top: torch and transformers load when a command runs.
+`corral --help` imports this module: at the top only what it loads anyway; the stage's working
+modules, and torch and transformers behind them, load when a command runs.
 """
 
 from __future__ import annotations
@@ -9,6 +10,11 @@ import argparse
 import os
 import sys
 
+from corral.inference.serve_config import ServeConfig
+
+from corral.config import config_help, load_config
+from corral.errors import UsageError
+from corral.fileio import check_output_path
 from corral.templates import TEMPLATE_NAMES
 
 API_KEY_ENV = "CORRAL_API_KEY"
@@ -101,8 +107,6 @@ def _load(args: argparse.Namespace):
 def _params(args: argparse.Namespace, loaded):
     from corral.inference.generation import templated_params
 
-    from corral.errors import UsageError
-
     try:
         return templated_params(
             loaded,
@@ -121,8 +125,6 @@ def _check_sampling(args: argparse.Namespace) -> None:
     """Reject bad sampling flags before spending seconds on loading the model."""
     from corral.inference.params import SamplingParams
 
-    from corral.errors import UsageError
-
     try:
         SamplingParams(
             max_new_tokens=args.max_new_tokens,
@@ -136,8 +138,6 @@ def _check_sampling(args: argparse.Namespace) -> None:
 
 def run_infer(args: argparse.Namespace) -> int:
     _prefer_passive_threads()
-    from corral.errors import UsageError
-    from corral.fileio import check_output_path
     from corral.records import read_alpaca
 
     _check_sampling(args)
@@ -177,11 +177,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
     from corral.inference.loading import load_for_inference
-    from corral.inference.serve_config import ServeConfig
     from corral.inference.server import build_server
-
-    from corral.config import load_config
-    from corral.errors import UsageError
 
     config = load_config(
         ServeConfig,
@@ -237,10 +233,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _serve_epilog() -> str:
-    from corral.inference.serve_config import ServeConfig
-
-    from corral.config import config_help
-
     return "config keys (key=default: help):\n" + config_help(ServeConfig)
 
 

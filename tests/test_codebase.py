@@ -8,6 +8,7 @@ import subprocess
 import sys
 from importlib.metadata import version
 
+import pytest
 from packaging.requirements import Requirement
 from project import REPO, product_files
 
@@ -100,6 +101,7 @@ def test_the_product_uses_only_public_transformers_modules():
     assert internal == []
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch, transformers, peft and bitsandbytes
 def test_importing_the_4bit_stack_prints_nothing_a_user_cannot_act_on():
     result = subprocess.run(
         [sys.executable, "-c", "import corral.models, peft, bitsandbytes"],

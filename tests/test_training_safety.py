@@ -99,6 +99,7 @@ def test_a_start_interrupted_before_its_first_checkpoint_starts_again(tmp_path, 
         ("lora_target_modules=[qkv]", "'qkv' is not a linear layer of embedded; choose from"),
     ],
 )
+@pytest.mark.slow  # runs train.py processes
 def test_bad_values_stop_before_the_model_loads(override, message, tmp_path):
     result = train_py(override, f"output_dir={tmp_path / 'run'}", timeout=120)
     assert result.returncode == 2, result.stderr
