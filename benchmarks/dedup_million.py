@@ -1,6 +1,6 @@
 """Benchmark: `corral dedup` (exact ROUGE-L novelty filter) on 1,000,000 instructions.
 
-Usage: python benchmarks/dedup_million.py [--size 1000000] [--anchor-size 50000]
+Usage: .venv/bin/python -m benchmarks.dedup_million [--size 1000000] [--anchor-size 50000]
                                           [--reference-size 2000] [--threshold 0.7]
 
 The corpus is synthetic and deterministic (random.Random(0)), built to look like today's
@@ -39,15 +39,14 @@ from array import array
 from pathlib import Path
 
 import numpy as np
+from corral.data_gen.config import DEFAULT_SEED_TASKS
+from rapidfuzz.distance import Indel
+
+from corral.records import read_seed_tasks
+from corral.rouge import rouge_l_fmeasure_from_lcs, rouge_tokens
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
-from corral.data_gen.config import DEFAULT_SEED_TASKS  # noqa: E402
-from rapidfuzz.distance import Indel  # noqa: E402
-
-from corral.records import read_seed_tasks  # noqa: E402
-from corral.rouge import rouge_l_fmeasure_from_lcs, rouge_tokens  # noqa: E402
 
 NEAR_DUPLICATE_SHARE = 0.2
 TEMPLATED_SHARE = 0.45

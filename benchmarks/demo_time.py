@@ -6,7 +6,7 @@ JSON: each step's seconds, the demo's own total, the command's wall time, and wh
 under the aim. The demo's outputs (24 generated records, the LoRA run, the held-out answers) are
 checked to exist, so a faster demo that skipped work would fail here.
 
-    .venv/bin/python benchmarks/demo_time.py [--aim-seconds 120]
+    .venv/bin/python -m benchmarks.demo_time [--aim-seconds 120]
 """
 
 from __future__ import annotations

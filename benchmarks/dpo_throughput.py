@@ -1,6 +1,6 @@
 """DPO throughput and memory: Corral's `method=dpo` against TRL's DPOTrainer, in the same run.
 
-    .venv/bin/python benchmarks/dpo_throughput.py [--steps 16]
+    .venv/bin/python -m benchmarks.dpo_throughput [--steps 16]
 
 Both trainers run DPO on the embedded model (SmolLM2-135M-Instruct) with a fresh LoRA adapter
 (r 8 / alpha 16 / dropout 0 on q_proj and v_proj; the reference policy is the base with the adapter
@@ -37,31 +37,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks.trainer_race import (
+    MAX_LENGTH,
+    SEED,
+    add_racer_arguments,
+    embedded_for_trl,
+    enter_race,
+    peak_rss_gb,
+    race,
+    run_corral,
+    trl_arguments,
+    trl_lora,
+)
+from corral.rundir import read_metrics
 
+REPO = Path(__file__).resolve().parents[1]
 SEEDS = REPO / "data_gen" / "seeds" / "default_seed_tasks.jsonl"
 SMOKE_PAIRS = REPO / "configs" / "training" / "smoke_preferences.jsonl"
-MAX_LENGTH = 256
 BATCH = 4  # pairs per optimizer step
 HELD_OUT = 16
-LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}
+LORA_DROPOUT = 0.0
 BETA = 0.1
-LEARNING_RATE = 2e-4
-SEED = 42
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
 
 
 def build_pairs(workdir: Path, steps: int) -> None:
@@ -141,76 +142,32 @@ def last_mean(rows: list[dict], key: str, count: int = 4) -> float:
     return sum(values) / len(values)
 
 
-def run_corral(workdir: Path, steps: int) -> dict:
-    from corral.training.config import TrainConfig
-    from corral.training.loop import train
-
-    from corral.config import load_config
-    from corral.rundir import read_metrics, read_summary
-
+def run_corral_dpo(workdir: Path, steps: int) -> dict:
     run_dir = workdir / "corral_run"
-    config = load_config(
-        TrainConfig,
-        None,
-        [
-            "model=embedded",
-            f"data={workdir / 'train.jsonl'}",
-            "template=alpaca",
-            f"max_length={MAX_LENGTH}",
-            "method=dpo",
-            f"beta={BETA}",
-            "loss_type=sigmoid",
-            f"lora_r={LORA['r']}",
-            f"lora_alpha={LORA['alpha']}",
-            f"lora_dropout={LORA['dropout']}",
-            f"lora_target_modules=[{','.join(LORA['targets'])}]",
-            "precision=fp32",
-            f"micro_batch_size={BATCH}",
-            "gradient_accumulation_steps=1",
-            "group_by_length=true",
-            "packing=false",
-            "max_tokens_per_forward=512",
-            f"max_steps={steps}",
-            f"learning_rate={LEARNING_RATE}",
-            "lr_scheduler=constant",
-            "warmup_steps=0",
-            "max_grad_norm=1.0",
-            f"seed={SEED}",
-            "val_size=0",
-            "save_steps=0",
-            "report_to=[none]",
-            f"output_dir={run_dir}",
-        ],
+    settings = ["method=dpo", f"beta={BETA}", "loss_type=sigmoid", "precision=fp32",
+                "max_tokens_per_forward=512"]  # fmt: skip
+    result = run_corral(
+        run_dir,
+        workdir / "train.jsonl",
+        steps=steps,
+        batch=BATCH,
+        lora_dropout=LORA_DROPOUT,
+        settings=settings,
     )
-    train(config)
-    peak = peak_rss_gb()
-    summary = read_summary(run_dir)
     rows = read_metrics(run_dir)
     return {
-        "tokens_per_s": summary["session_tokens_per_s"],
-        "tokens": summary["session_tokens"],
-        "train_seconds": summary["session_train_seconds"],
-        "peak_rss_gb": peak,
+        **result,
         "final_train_loss": last_mean(rows, "loss"),
         "final_train_reward_accuracy": last_mean(rows, "rewards/accuracies"),
-        "adapter": str(run_dir),
     }
 
 
 def run_trl(workdir: Path, steps: int) -> dict:
     import datasets
-    import torch
     from corral.training.preference import read_preferences
-    from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from corral.models import load_model, load_tokenizer, quiet_transformers
-    from corral.templates import get_template
-
-    with quiet_transformers():
-        tokenizer = load_tokenizer("embedded")
-        model = load_model("embedded", dtype=torch.float32, tokenizer=tokenizer)
-    template = get_template("alpaca", tokenizer)
+    model, tokenizer, template = embedded_for_trl()
     rows = [
         {
             "prompt": template.format_prompt(pair["prompt"], pair["input"]),
@@ -221,43 +178,17 @@ def run_trl(workdir: Path, steps: int) -> dict:
     ]
     out_dir = workdir / "trl_run"
     args = DPOConfig(
-        output_dir=str(out_dir),
-        max_length=MAX_LENGTH,
-        per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=1,
-        max_steps=steps,
-        learning_rate=LEARNING_RATE,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_grad_norm=1.0,
-        weight_decay=0.0,
-        optim="adamw_torch",
+        **trl_arguments(out_dir, steps=steps, batch=BATCH),
         beta=BETA,
         loss_type=["sigmoid"],
         precompute_ref_log_probs=False,
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        seed=SEED,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    peft_config = LoraConfig(
-        r=LORA["r"],
-        lora_alpha=LORA["alpha"],
-        lora_dropout=LORA["dropout"],
-        target_modules=LORA["targets"],
-        task_type="CAUSAL_LM",
     )
     trainer = DPOTrainer(
         model=model,
         args=args,
         train_dataset=datasets.Dataset.from_list(rows),
         processing_class=tokenizer,
-        peft_config=peft_config,
+        peft_config=trl_lora(LORA_DROPOUT),
     )
     result = trainer.train()
     peak = peak_rss_gb()
@@ -278,11 +209,7 @@ def run_trl(workdir: Path, steps: int) -> dict:
 
 
 def child(role: str, workdir: Path, steps: int) -> None:
-    import torch
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.set_num_threads(1)
-    result = run_corral(workdir, steps) if role == "corral" else run_trl(workdir, steps)
+    result = run_corral_dpo(workdir, steps) if role == "corral" else run_trl(workdir, steps)
     held_out = evaluate_adapter(Path(result["adapter"]), workdir / "heldout.jsonl")
     trained_on = evaluate_adapter(Path(result["adapter"]), workdir / "train.jsonl")
     result["eval_loss"] = held_out["loss"]
@@ -294,51 +221,18 @@ def child(role: str, workdir: Path, steps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=16, help="optimizer steps for each trainer")
-    parser.add_argument("--role", choices=("corral", "trl"), help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--core", type=int, help=argparse.SUPPRESS)
+    add_racer_arguments(parser, ("corral", "trl"))
     args = parser.parse_args()
     if args.role:
-        if args.core is not None:
-            os.sched_setaffinity(0, {args.core})
+        enter_race(args.core)
         child(args.role, args.workdir, args.steps)
         return
 
     with tempfile.TemporaryDirectory(prefix="corral-dpo-bench-") as tmp:
         workdir = Path(tmp)
         build_pairs(workdir, args.steps)
-        cores = sorted(os.sched_getaffinity(0))
-        procs = {}
-        started = time.monotonic()
-        for position, role in enumerate(("corral", "trl")):
-            procs[role] = subprocess.Popen(
-                [
-                    sys.executable,
-                    __file__,
-                    "--role",
-                    role,
-                    "--workdir",
-                    str(workdir),
-                    "--steps",
-                    str(args.steps),
-                    "--core",
-                    str(cores[position % len(cores)]),
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"},
-            )
-        results = {}
-        for role, proc in procs.items():
-            out, err = proc.communicate()
-            if proc.returncode != 0:
-                sys.exit(f"{role} failed:\n{err[-4000:]}")
-            results[role] = json.loads(out.strip().splitlines()[-1])
-            print(
-                f"{role}: {json.dumps(results[role])} ({time.monotonic() - started:.0f} s)",
-                file=sys.stderr,
-            )
+        steps = ["--steps", str(args.steps)]
+        results = race("benchmarks.dpo_throughput", ["corral", "trl"], workdir, steps)
     corral, trl = results["corral"], results["trl"]
     report = {"steps": args.steps, "pairs_per_step": BATCH, "max_length": MAX_LENGTH, "beta": BETA}
     for key, digits in (

@@ -11,24 +11,23 @@ the embedded model at batch size 8, two ways:
 Both use the same engine, model, prompts and settings, on one intra-op thread. Prints JSON:
 generated tokens/s, decode steps and wall time for each, their ratio, and how many answers agree.
 
-    .venv/bin/python benchmarks/infer_throughput.py [--records 64] [--batch-size 8] [--max-new-tokens 128]
+    .venv/bin/python -m benchmarks.infer_throughput [--records 64] [--batch-size 8] [--max-new-tokens 128]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from corral.data_gen.config import DEFAULT_SEED_TASKS
+
+from corral.records import read_alpaca, read_seed_tasks, write_alpaca
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from corral.data_gen.config import DEFAULT_SEED_TASKS  # noqa: E402
-
-from corral.records import read_alpaca, read_seed_tasks, write_alpaca  # noqa: E402
 
 SHARED_SEEDS = REPO.parent / "shared" / "data" / "self-instruct" / "seed_tasks.jsonl"
 

@@ -1,6 +1,6 @@
 """Benchmark: the ROUGE-L novelty filter on 52K instructions, against the reference loop.
 
-Usage: python benchmarks/rouge_filter.py [--count 52000] [--subsample 1000] [--seed-tasks PATH]
+Usage: .venv/bin/python -m benchmarks.rouge_filter [--count 52000] [--subsample 1000] [--seed-tasks PATH]
 
 No 52K-instruction file exists here, so realistic instructions are synthesized from the seed
 instructions: fragments of three seeds recombined, with some words swapped for seed vocabulary
@@ -23,17 +23,16 @@ import argparse
 import json
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
+from corral.data_gen.config import DEFAULT_SEED_TASKS
+
+from corral.records import read_seed_tasks
+from corral.rouge import RougeNoveltyIndex
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
-from corral.data_gen.config import DEFAULT_SEED_TASKS  # noqa: E402
-
-from corral.records import read_seed_tasks  # noqa: E402
-from corral.rouge import RougeNoveltyIndex  # noqa: E402
 
 SHARED_SEEDS = REPO_ROOT.parent / "shared" / "data" / "self-instruct" / "seed_tasks.jsonl"
 

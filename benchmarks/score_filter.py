@@ -13,7 +13,7 @@
 Prints JSON. The embedded model is a weak judge of a weak teacher's data: read the figures as what
 they are on this scale, not as a claim about GPT-4-judged Alpaca.
 
-    .venv/bin/python benchmarks/score_filter.py [--records 64] [--data FILE]
+    .venv/bin/python -m benchmarks.score_filter [--records 64] [--data FILE]
 """
 
 from __future__ import annotations
@@ -21,19 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from corral.data_gen.config import DEFAULT_SEED_TASKS
+
+from benchmarks.train_throughput import evaluate_adapter
+from corral.records import read_alpaca, read_seed_tasks, write_alpaca
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from corral.data_gen.config import DEFAULT_SEED_TASKS  # noqa: E402
-from train_throughput import evaluate_adapter  # noqa: E402
-
-from corral.records import read_alpaca, read_seed_tasks, write_alpaca  # noqa: E402
 
 
 def main() -> None:

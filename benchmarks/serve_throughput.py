@@ -7,26 +7,26 @@ same work per request. Prints JSON: aggregate generated tokens/s for each, their
 >= 4x: continuous batching shares each forward pass among the streams), and the median time to
 first token.
 
-    .venv/bin/python benchmarks/serve_throughput.py [--model embedded] [--max-tokens 64] [--dtype bfloat16]
+    .venv/bin/python -m benchmarks.serve_throughput [--model embedded] [--max-tokens 64] [--dtype bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
+from collections.abc import Iterator
 
 import httpx
 import openai
 
-REPO = Path(__file__).resolve().parents[1]
+from corral.loopback import free_port, server_process
+
 QUESTIONS = [
     "Write a short story about a lighthouse keeper.",
     "Explain how rainbows form.",
@@ -39,46 +39,14 @@ QUESTIONS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(model: str, port: int, dtype: str) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "corral.cli",
-            "serve",
-            "--model",
-            model,
-            "--port",
-            str(port),
-            "--max-batch-size",
-            "16",
-            "--dtype",
-            dtype,
-        ],
-        cwd=REPO,
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "CORRAL_API_KEY": ""},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"corral serve exited: {process.stderr.read()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    process.kill()
-    raise SystemExit("corral serve did not start")
+@contextlib.contextmanager
+def corral_serve(*serve_args: str) -> Iterator[str]:
+    """`corral serve SERVE_ARGS` on a free port, without an API key; yields its base URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "corral.cli", "serve", *serve_args, "--port", str(port)]
+    env = {"TOKENIZERS_PARALLELISM": "false", "CORRAL_API_KEY": ""}
+    with server_process(command, port, what="corral serve", env=env, timeout=300) as base:
+        yield base
 
 
 async def one_stream(
@@ -143,10 +111,9 @@ def main() -> None:
     from corral.models import load_tokenizer
 
     eos_id = load_tokenizer(args.model).eos_token_id
-    port = free_port()
-    process = start_server(args.model, port, args.dtype)
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
+    serve_args = ["--model", args.model, "--max-batch-size", "16", "--dtype", args.dtype]
+    with corral_serve(*serve_args) as base:
+        base_url = f"{base}/v1"
         asyncio.run(measure(base_url, args.model, 1, 8, eos_id))  # warm up
         single, concurrent = [], []
         # Alternate the settings so a load change on a shared machine hits both alike.
@@ -157,10 +124,7 @@ def main() -> None:
                     measure(base_url, args.model, args.concurrency, args.max_tokens, eos_id)
                 )
             )
-        engine = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["engine"]
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+        engine = httpx.get(f"{base}/health", timeout=10).json()["engine"]
 
     def best(runs: list[dict]) -> dict:
         return max(runs, key=lambda r: r["tokens_per_second"])

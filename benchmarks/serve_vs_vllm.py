@@ -10,7 +10,7 @@ of them, beside its event loop. Prints JSON: aggregate generated tokens/s and me
 token per server and load, and Corral's ratio to vLLM. Needs .venv-vllm (`make vllm-env`);
 without it, vLLM is skipped with the reason.
 
-    .venv/bin/python benchmarks/serve_vs_vllm.py [--max-tokens 64] [--streams 1 8 32] [--repeats 2]
+    .venv/bin/python -m benchmarks.serve_vs_vllm [--max-tokens 64] [--streams 1 8 32] [--repeats 2]
         [--dtype float32|bfloat16]
 
 `--dtype bfloat16` runs both servers in bf16 (on CPUs with native bf16 it halves the bytes each
@@ -23,15 +23,14 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-sys.path.insert(0, str(REPO / "tests"))
+from benchmarks.serve_throughput import corral_serve, measure
+from corral.loopback import vllm_missing, vllm_server
 
-from serve_throughput import measure  # noqa: E402
-from servers import corral_serve, vllm_missing, vllm_server  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"  # built by `make vllm-env`
+
 
 SERVED_NAME = "embedded"
 
@@ -70,17 +69,18 @@ def main() -> None:
     }
     # The same chat template for both: the folder's own (Corral's `chat` template renders it too).
     with corral_serve(
-        ["--model", str(folder), "--template", "chat", "--dtype", args.dtype,
-         "--served-model-name", SERVED_NAME, "--max-batch-size", str(max(args.streams))],
-        env={"CORRAL_API_KEY": ""},
+        "--model", str(folder), "--template", "chat", "--dtype", args.dtype,
+        "--served-model-name", SERVED_NAME, "--max-batch-size", str(max(args.streams)),
     ) as base:  # fmt: skip
         report["corral"] = run_load(base, args.streams, args.max_tokens, args.repeats, eos_id)
-    missing = vllm_missing()
+    missing = vllm_missing(VLLM_PYTHON)
     if missing is not None:
         report["vllm"] = {"skipped": missing}
     else:
         # The later --dtype wins over the float32 in the test environment's flags.
-        with vllm_server(folder, "--served-model-name", SERVED_NAME, "--dtype", args.dtype) as base:
+        with vllm_server(
+            VLLM_PYTHON, folder, "--served-model-name", SERVED_NAME, "--dtype", args.dtype
+        ) as base:
             report["vllm"] = run_load(base, args.streams, args.max_tokens, args.repeats, eos_id)
         report["corral_vs_vllm_tokens_per_second"] = {
             str(n): round(

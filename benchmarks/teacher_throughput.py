@@ -1,6 +1,6 @@
 """Benchmark: OpenAI-compatible teacher throughput against a loopback server with fixed latency.
 
-Usage: python benchmarks/teacher_throughput.py [--requests 1600] [--concurrency 32] [--latency 0.1]
+Usage: .venv/bin/python -m benchmarks.teacher_throughput [--requests 1600] [--concurrency 32] [--latency 0.1]
 
 The server (tests/openai_test_server.py) runs in its own process on 127.0.0.1 and answers every
 request after exactly `latency` seconds, so the best any client can do is concurrency / latency
@@ -19,10 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from corral.data_gen.teachers import Completion, OpenAICompatibleTeacher, SamplingParams
 
-from corral.data_gen.teachers import Completion, OpenAICompatibleTeacher, SamplingParams  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def process_cpu_seconds(pid: int) -> float:

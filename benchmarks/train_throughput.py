@@ -1,6 +1,6 @@
 """Training throughput and memory: Corral against TRL's SFTTrainer, measured in the same run.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 16] [--seed-tasks PATH]
+    .venv/bin/python -m benchmarks.train_throughput [--steps 16] [--seed-tasks PATH]
 
 Both trainers fine-tune the embedded model (SmolLM2-135M-Instruct) with LoRA r 8 / alpha 16 /
 dropout 0.05 on q_proj and v_proj, fp32 on the CPU, batch 8 examples per optimizer step, maximum
@@ -37,29 +37,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from corral.training.mfu import Architecture, flops_per_token
+
+from benchmarks.trainer_race import (
+    LORA_RANK,
+    LORA_TARGETS,
+    MAX_LENGTH,
+    SEED,
+    add_racer_arguments,
+    embedded_for_trl,
+    enter_race,
+    peak_rss_gb,
+    race,
+    run_corral,
+    trl_arguments,
+    trl_lora,
+)
+from corral.models import resolve_model
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 DEFAULT_SEEDS = REPO.parent / "shared" / "data" / "self-instruct" / "seed_tasks.jsonl"
-MAX_LENGTH = 256
 BATCH = 8
-LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "targets": ["q_proj", "v_proj"]}
-LEARNING_RATE = 2e-4
-SEED = 42
+LORA_DROPOUT = 0.05
 EVAL_RECORDS = 24
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+ROLES = ("corral", "corral_bf16", "trl")
 
 
 def build_data(seed_tasks: Path, workdir: Path, steps: int) -> tuple[Path, Path]:
@@ -122,8 +128,6 @@ def gemm_ceiling(dtype_name: str, seconds: float = 2.0) -> float:
     """FLOP/s of this core for a [512 x hidden] @ [hidden x intermediate] matmul in `dtype`."""
     import torch
 
-    from corral.models import resolve_model
-
     config = json.loads((Path(resolve_model("embedded")) / "config.json").read_text())
     dtype = getattr(torch, dtype_name)
     a = torch.randn(512, config["hidden_size"], dtype=dtype)
@@ -137,91 +141,38 @@ def gemm_ceiling(dtype_name: str, seconds: float = 2.0) -> float:
     return count * 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - started)
 
 
-def flops_per_token(mean_length: float) -> float:
-    """Model FLOPs per token of a LoRA step (module docstring)."""
-    from corral.models import resolve_model
-
-    c = json.loads((Path(resolve_model("embedded")) / "config.json").read_text())
-    h, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
-    head = h // c["num_attention_heads"]
-    kv = head * c.get("num_key_value_heads", c["num_attention_heads"])
-    n_mm = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + c["vocab_size"] * h
-    n_adapter = layers * LORA["r"] * (2 * h + (h + kv))  # r x (in + out) on q_proj and v_proj
-    return 4 * n_mm + 6 * n_adapter + 12 * layers * h * mean_length
+def lora_flops_per_token(mean_length: float) -> float:
+    """Model FLOPs per token of this benchmark's LoRA step (corral.training.mfu)."""
+    config = json.loads((Path(resolve_model("embedded")) / "config.json").read_text())
+    arch = Architecture.from_config(config)
+    adapter = arch.lora_params(LORA_RANK, LORA_TARGETS)
+    flops = flops_per_token(arch, method="lora", adapter_params=adapter, context=mean_length)
+    return flops["flops_per_token"]
 
 
-def run_corral(
-    train_path: Path,
-    workdir: Path,
-    steps: int,
-    precision: str,
-    max_tokens_per_forward: int,
+def run_corral_sft(
+    train_path: Path, workdir: Path, steps: int, precision: str, max_tokens_per_forward: int
 ) -> dict:
-    from corral.training.config import TrainConfig
-    from corral.training.loop import train
-
-    from corral.config import load_config
-    from corral.rundir import read_summary
-
-    run_dir = workdir / "corral_run"
-    config = load_config(
-        TrainConfig,
-        None,
-        [
-            "model=embedded",
-            f"data={train_path}",
-            "template=alpaca",
-            f"max_length={MAX_LENGTH}",
-            "method=lora",
-            f"lora_r={LORA['r']}",
-            f"lora_alpha={LORA['alpha']}",
-            f"lora_dropout={LORA['dropout']}",
-            f"lora_target_modules=[{','.join(LORA['targets'])}]",
-            f"precision={precision}",
-            f"micro_batch_size={BATCH}",
-            "gradient_accumulation_steps=1",
-            f"max_tokens_per_forward={max_tokens_per_forward}",
-            "group_by_length=true",
-            "packing=false",
-            f"max_steps={steps}",
-            f"learning_rate={LEARNING_RATE}",
-            "lr_scheduler=constant",
-            "warmup_steps=0",
-            "max_grad_norm=1.0",
-            f"seed={SEED}",
-            "val_size=0",
-            "save_steps=0",
-            "report_to=[none]",
-            f"output_dir={run_dir}",
-        ],
+    settings = ["method=lora", f"precision={precision}",
+                f"max_tokens_per_forward={max_tokens_per_forward}"]  # fmt: skip
+    result = run_corral(
+        workdir / "corral_run",
+        train_path,
+        steps=steps,
+        batch=BATCH,
+        lora_dropout=LORA_DROPOUT,
+        settings=settings,
     )
-    train(config)
-    peak = peak_rss_gb()
-    summary = read_summary(run_dir)
-    return {
-        "precision": precision,
-        "tokens_per_s": summary["session_tokens_per_s"],
-        "tokens": summary["session_tokens"],
-        "train_seconds": summary["session_train_seconds"],
-        "peak_rss_gb": peak,
-        "adapter": str(run_dir),
-    }
+    return {"precision": precision, **result}
 
 
 def run_trl(train_path: Path, workdir: Path, steps: int) -> dict:
     import datasets
-    import torch
-    from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from corral.models import load_model, load_tokenizer, quiet_transformers
     from corral.records import read_alpaca
-    from corral.templates import get_template
 
-    with quiet_transformers():
-        tokenizer = load_tokenizer("embedded")
-        model = load_model("embedded", dtype=torch.float32, tokenizer=tokenizer)
-    template = get_template("alpaca", tokenizer)
+    model, tokenizer, template = embedded_for_trl()
     rows = []
     for record in read_alpaca(train_path):
         prompt, completion = template.format_example(
@@ -230,43 +181,17 @@ def run_trl(train_path: Path, workdir: Path, steps: int) -> dict:
         rows.append({"prompt": prompt, "completion": completion})
     out_dir = workdir / "trl_run"
     args = SFTConfig(
-        output_dir=str(out_dir),
-        max_length=MAX_LENGTH,
-        per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=1,
-        max_steps=steps,
-        learning_rate=LEARNING_RATE,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_grad_norm=1.0,
-        weight_decay=0.0,
-        optim="adamw_torch",
+        **trl_arguments(out_dir, steps=steps, batch=BATCH),
         completion_only_loss=True,
         packing=False,
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        seed=SEED,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
-        disable_tqdm=True,
-    )
-    peft_config = LoraConfig(
-        r=LORA["r"],
-        lora_alpha=LORA["alpha"],
-        lora_dropout=LORA["dropout"],
-        target_modules=LORA["targets"],
-        task_type="CAUSAL_LM",
     )
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=datasets.Dataset.from_list(rows),
         processing_class=tokenizer,
-        peft_config=peft_config,
+        peft_config=trl_lora(LORA_DROPOUT),
     )
     result = trainer.train()
     peak = peak_rss_gb()
@@ -285,17 +210,15 @@ def run_trl(train_path: Path, workdir: Path, steps: int) -> dict:
 
 
 def child(role: str, workdir: Path, steps: int, max_tokens_per_forward: int) -> None:
-    import torch
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.set_num_threads(1)
     train_path, eval_path = workdir / "train.json", workdir / "eval.json"
     ceilings = {name: gemm_ceiling(name) for name in ("float32", "bfloat16")}
     if role == "trl":
         result = run_trl(train_path, workdir, steps)
     else:
         precision = "bf16" if role == "corral_bf16" else "fp32"
-        result = run_corral(train_path, workdir / role, steps, precision, max_tokens_per_forward)
+        result = run_corral_sft(
+            train_path, workdir / role, steps, precision, max_tokens_per_forward
+        )
     result["eval_loss"] = evaluate_adapter(Path(result["adapter"]), eval_path)
     result["gemm_ceiling_gflops"] = {k: round(v / 1e9, 1) for k, v in ceilings.items()}
     from corral.models import load_tokenizer
@@ -309,7 +232,7 @@ def child(role: str, workdir: Path, steps: int, max_tokens_per_forward: int) -> 
             ["input_ids"])
         for r in read_alpaca(train_path)
     ]  # fmt: skip
-    per_token = flops_per_token(sum(lengths) / len(lengths))
+    per_token = lora_flops_per_token(sum(lengths) / len(lengths))
     ceiling = ceilings["bfloat16" if result["precision"] == "bf16" else "float32"]
     result["flops_per_token"] = per_token
     result["mfu"] = round(result["tokens_per_s"] * per_token / ceiling, 4)
@@ -326,7 +249,7 @@ def main() -> None:
         "--roles",
         nargs=2,
         default=["corral", "trl"],
-        choices=("corral", "corral_bf16", "trl"),
+        choices=ROLES,
         help="the two measured side by side (default: corral trl)",
     )
     parser.add_argument(
@@ -335,56 +258,19 @@ def main() -> None:
         default=256,
         help="Corral's forward-pass token budget per micro-batch (0: one pass per batch)",
     )
-    parser.add_argument("--role", choices=("corral", "corral_bf16", "trl"), help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--core", type=int, help=argparse.SUPPRESS)
+    add_racer_arguments(parser, ROLES)
     args = parser.parse_args()
     if args.role:
-        if args.core is not None:
-            os.sched_setaffinity(0, {args.core})
+        enter_race(args.core)
         child(args.role, args.workdir, args.steps, args.max_tokens_per_forward)
         return
 
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
         workdir = Path(tmp)
         build_data(args.seed_tasks, workdir, args.steps)
-        # Both trainers run at the same time, each pinned to its own core with one thread, so
-        # both see the same machine (other work on it included) for the whole measurement.
-        cores = sorted(os.sched_getaffinity(0))
-        procs = {}
-        started = time.monotonic()
-        for position, role in enumerate(args.roles):
-            core = cores[position % len(cores)]
-            procs[role] = subprocess.Popen(
-                [
-                    sys.executable,
-                    __file__,
-                    "--role",
-                    role,
-                    "--workdir",
-                    str(workdir),
-                    "--steps",
-                    str(args.steps),
-                    "--max-tokens-per-forward",
-                    str(args.max_tokens_per_forward),
-                    "--core",
-                    str(core),
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"},
-            )
-        results = {}
-        for role, proc in procs.items():
-            out, err = proc.communicate()
-            if proc.returncode != 0:
-                sys.exit(f"{role} failed:\n{err[-4000:]}")
-            results[role] = json.loads(out.strip().splitlines()[-1])
-            print(
-                f"{role}: {json.dumps(results[role])} ({time.monotonic() - started:.0f} s)",
-                file=sys.stderr,
-            )
+        arguments = ["--steps", str(args.steps),
+                     "--max-tokens-per-forward", str(args.max_tokens_per_forward)]  # fmt: skip
+        results = race("benchmarks.train_throughput", args.roles, workdir, arguments)
     first, second = (results[role] for role in args.roles)
     report = {"roles": args.roles, "steps": args.steps, "batch_size": BATCH,
               "max_length": MAX_LENGTH,

@@ -1,9 +1,19 @@
-"""`corral generate` and `corral dedup`. Only argparse at import time: `corral --help` stays instant."""
+"""`corral generate` and `corral dedup`.
+
+`corral --help` imports this module: at the top only what it loads anyway (configs, errors,
+files); the pipelines, and the frameworks behind them, are imported by the commands that run them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from corral.data_gen.config import GenerateConfig
+
+from corral.config import config_help, load_config
+from corral.errors import UsageError
+from corral.fileio import atomic_write_text, check_output_path, exclusive_output
 
 GENERATE_DESCRIPTION = """\
 Generate Alpaca-format instruction data from seed tasks with a teacher model.
@@ -33,10 +43,6 @@ threshold. The first of near-duplicates is kept, in file order.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from corral.data_gen.config import GenerateConfig
-
-    from corral.config import config_help
-
     gen = subparsers.add_parser(
         "generate",
         help="generate Alpaca data from seed tasks with a teacher (alpaca or self-instruct)",
@@ -120,13 +126,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from corral.data_gen.config import GenerateConfig
     from corral.data_gen.journal import FingerprintMismatch
     from corral.data_gen.pipeline import GenerationError, format_summary, generate_dataset
     from corral.data_gen.teachers import TeacherError
-
-    from corral.config import load_config
-    from corral.errors import UsageError
 
     config = load_config(
         GenerateConfig,
@@ -171,8 +173,6 @@ def _preferences(config, progress: bool, overwrite: bool) -> int:
     from corral.data_gen.preferences import generate_preferences, judgments_path
     from corral.data_gen.teachers import TeacherError
 
-    from corral.errors import UsageError
-
     try:
         manifest = generate_preferences(config, progress=progress, overwrite=overwrite)
     except FingerprintMismatch as exc:
@@ -199,9 +199,6 @@ def _estimate(config, probes: int) -> int:
     from corral.data_gen.pipeline import estimate_generation, format_estimate
     from corral.data_gen.teachers import TeacherError
 
-    from corral.errors import UsageError
-    from corral.fileio import atomic_write_text, check_output_path
-
     if not 1 <= probes <= MAX_ESTIMATE_PROBES:
         raise UsageError(
             f"--estimate-probes must be within 1..{MAX_ESTIMATE_PROBES}, got {probes}: each probe "
@@ -220,9 +217,6 @@ def _estimate(config, probes: int) -> int:
 
 
 def run_dedup(args: argparse.Namespace) -> int:
-    from corral.errors import UsageError
-    from corral.fileio import check_output_path, exclusive_output
-
     if not 0.0 <= args.threshold <= 1.0:
         raise UsageError(f"--threshold must be within [0, 1], got {args.threshold}")
     check_output_path(args.output, inputs=(args.input,))

@@ -17,6 +17,10 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from corral.data_gen.teachers import Completion, OpenAICompatibleTeacher, SamplingParams
+
+from corral.models import load_model, load_tokenizer, quiet_transformers
+
 JUDGE_PROMPT = """You are an impartial judge. Compare two responses to the same instruction and \
 decide which one follows the instruction better: more helpful, correct and relevant.
 
@@ -62,8 +66,6 @@ class LocalJudge:
 
     def __init__(self, model: str, labels: Sequence[str] = ("A", "B")) -> None:
         import torch
-
-        from corral.models import load_model, load_tokenizer, quiet_transformers
 
         with quiet_transformers():
             self.tokenizer = load_tokenizer(model, padding_side="left")
@@ -117,8 +119,6 @@ class EndpointJudge:
     """Any OpenAI-compatible endpoint as judge (chat API, temperature 0, a few tokens)."""
 
     def __init__(self, model: str, base_url: str | None, concurrency: int = 8) -> None:
-        from corral.data_gen.teachers import OpenAICompatibleTeacher
-
         self.teacher = OpenAICompatibleTeacher(model, base_url=base_url, concurrency=concurrency)
         try:
             self.teacher.check_reachable()  # a judge that is down fails now, not as "all ties"
@@ -127,8 +127,6 @@ class EndpointJudge:
             raise
 
     def judge(self, prompts: Sequence[str]) -> list[str | None]:
-        from corral.data_gen.teachers import Completion, SamplingParams
-
         replies = self.teacher.complete(
             list(prompts), SamplingParams(temperature=0.0, max_tokens=8)
         )

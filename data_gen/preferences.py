@@ -26,10 +26,11 @@ from corral.data_gen.journal import Journal
 from corral.data_gen.judges import EndpointJudge, LocalJudge, combine_orders, judge_prompt
 from corral.data_gen.manifest import build_manifest, run_paths
 from corral.data_gen.teachers import Completion, SamplingParams
+from corral.inference.loading import load_for_inference
 
 from corral.config import config_to_dict
 from corral.errors import UsageError
-from corral.fileio import atomic_open, check_output_path, exclusive_output
+from corral.fileio import atomic_open, atomic_write_text, check_output_path, exclusive_output
 from corral.records import read_alpaca, write_alpaca
 
 TEACHER = "teacher"
@@ -79,7 +80,6 @@ class _Answerers:
         self, source: str, records: list[dict[str, Any]], seed: int
     ) -> list[str | None]:
         from corral.inference.generation import answer_instructions
-        from corral.inference.loading import load_for_inference
 
         if source not in self._loaded:
             self._loaded[source] = load_for_inference(source)
@@ -205,7 +205,6 @@ def _run(
         resumed=state.resumed,
         config=config_to_dict(config),
     )
-    from corral.fileio import atomic_write_text
 
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return manifest

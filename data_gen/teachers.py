@@ -23,6 +23,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from corral.inference.params import SamplingParams as EngineParams
+
+from corral.models import bf16_is_native, load_model, load_tokenizer, quiet_transformers
+
 
 class TeacherError(RuntimeError):
     """The teacher cannot be used at all (bad key, unknown model, endpoint down): stop the run."""
@@ -661,8 +665,6 @@ def local_dtype(name: str) -> Any:
     natively (a capable GPU, or a CPU with AVX512-BF16/AMX), float32 elsewhere."""
     import torch
 
-    from corral.models import bf16_is_native
-
     if name == "auto":
         return torch.bfloat16 if bf16_is_native() else torch.float32
     if name not in ("float32", "bfloat16"):
@@ -683,14 +685,7 @@ class LocalTeacher(_CountsUsage):
         seed: int = 0,
         dtype: str = "float32",
     ) -> None:
-
         from corral.inference.engine import GenerationEngine
-
-        from corral.models import (
-            load_model,
-            load_tokenizer,
-            quiet_transformers,
-        )
 
         if api not in ("chat", "completions"):
             raise ValueError(f"api must be 'chat' or 'completions', got {api!r}")
@@ -729,8 +724,6 @@ class LocalTeacher(_CountsUsage):
     def complete(
         self, prompts: Sequence[str], params: SamplingParams
     ) -> list[Completion | FailedRequest]:
-        from corral.inference.params import SamplingParams as EngineParams
-
         encoded = [
             self.tokenizer(self._render(p), add_special_tokens=False)["input_ids"] for p in prompts
         ]

@@ -1,9 +1,16 @@
-"""`corral eval` and `corral report`. Only argparse at import time: `corral --help` stays instant."""
+"""`corral eval` and `corral report`.
+
+`corral --help` imports this module: at the top only what it loads anyway (configs, errors,
+files); evaluation, and the frameworks behind it, is imported by the commands that run it.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from corral.errors import UsageError
+from corral.fileio import atomic_write_text, check_output_path
 
 EVAL_DESCRIPTION = (
     "Answers the evaluation set (Self-Instruct's user-oriented JSONL, or Alpaca records; "
@@ -25,9 +32,6 @@ def run_eval(args: argparse.Namespace) -> int:
     from corral.data_gen.judges import EndpointJudge, LocalJudge
     from corral.data_gen.teachers import TeacherError
     from corral.evaluation.evaluate import evaluate, format_table
-
-    from corral.errors import UsageError
-    from corral.fileio import atomic_write_text, check_output_path
 
     if args.eval_set is None and not args.lm_eval_tasks:
         raise UsageError("give --eval-set (answers, ROUGE-L, judge) or --lm-eval-tasks, or both")
@@ -83,8 +87,6 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     from corral.evaluation.report import write_report
-
-    from corral.fileio import check_output_path
 
     check_output_path(args.output, inputs=(*args.inputs, args.seed_tasks))
 

@@ -1,10 +1,16 @@
-"""`corral audit` and `corral score`: know the data before training on it. Only argparse at import
-time: `corral --help` stays instant."""
+"""`corral audit` and `corral score`: know the data before training on it.
+
+`corral --help` imports this module: at the top only what it loads anyway (configs, errors,
+files); the audit and the scorer, and the frameworks behind them, are imported by the commands.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from corral.errors import UsageError
+from corral.fileio import check_output_path, exclusive_output
 
 AUDIT_DESCRIPTION = """\
 Check an Alpaca dataset in one pass: contamination with an evaluation set (--eval-set: an
@@ -32,8 +38,6 @@ def run_audit(args: argparse.Namespace) -> int:
 
     from corral.evaluation.audit import audit_records, check_scores, format_audit
 
-    from corral.errors import UsageError
-    from corral.fileio import check_output_path
     from corral.records import read_alpaca, read_seed_tasks, write_alpaca
 
     if args.fix is not None:
@@ -74,8 +78,6 @@ def run_audit(args: argparse.Namespace) -> int:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from corral.errors import UsageError
-    from corral.fileio import check_output_path, exclusive_output
     from corral.records import read_alpaca
 
     for flag, price in (
@@ -95,8 +97,6 @@ def run_score(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     from corral.data_gen.teachers import OpenAICompatibleTeacher, TeacherError
     from corral.evaluation.score import EndpointScorer, LocalScorer, score_file
-
-    from corral.errors import UsageError
 
     if args.judge_base_url:
         teacher = OpenAICompatibleTeacher(

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from corral.errors import UsageError
+from corral.models import resolve_model
+from corral.rundir import has_run_info, read_run_info
 
 LM_EVAL_ENV = "CORRAL_LM_EVAL"
 _CHECKOUT_ENV = Path(__file__).resolve().parents[1] / ".venv-lmeval" / "bin" / "lm_eval"
@@ -49,8 +51,6 @@ def find_lm_eval(explicit: str | None = None) -> str:
 
 def model_args(model: str) -> tuple[str, str]:
     """(lm-eval's hf `--model_args`, a description) for a Corral model, run or export."""
-    from corral.models import resolve_model
-    from corral.rundir import has_run_info, read_run_info
 
     if has_run_info(model):
         info = read_run_info(model)

@@ -24,6 +24,7 @@ from typing import Any
 from corral.data_gen.lineage import lineage_path, records_per_seed
 from corral.data_gen.manifest import drops_by_reason, read_manifest
 from corral.data_gen.manifest import seed_tasks_path as manifest_seed_tasks
+from corral.evaluation.harness import harness_rows
 from corral.evaluation.svgplot import bar_chart, histogram, line_chart
 
 from corral.errors import RecordError
@@ -260,7 +261,6 @@ def eval_section(path: Path, result: dict[str, Any]) -> str:
 
 def harness_table(section: dict[str, Any]) -> str:
     """lm-evaluation-harness results: one row per task and metric, one column per model."""
-    from corral.evaluation.harness import harness_rows
 
     roles = list(section["models"])
     rows = []

@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.data_gen.judges import LocalJudge
+from corral.data_gen.teachers import Completion, SamplingParams
+
 from corral.errors import UsageError
 from corral.records import read_alpaca, write_alpaca
 
@@ -76,8 +79,6 @@ class EndpointScorer:
         self.teacher = teacher
 
     def score(self, records: Sequence[dict[str, Any]]) -> list[Verdict]:
-        from corral.data_gen.teachers import Completion, SamplingParams
-
         replies = self.teacher.complete(
             [score_prompt(r) for r in records], SamplingParams(temperature=0.0, max_tokens=96)
         )
@@ -103,8 +104,6 @@ class LocalScorer:
     """A local model as judge: the expected digit under its next-token distribution over 1-5."""
 
     def __init__(self, model: str, batch_size: int = 4) -> None:
-        from corral.data_gen.judges import LocalJudge
-
         self.judge = LocalJudge(model, labels=tuple(str(n) for n in SCORES))
         self.batch_size = batch_size
 

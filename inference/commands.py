@@ -1,6 +1,7 @@
 """`corral infer`, `corral chat` and `corral serve`.
 
-Only argparse and light modules at the top: torch and transformers load when a command runs.
+`corral --help` imports this module: at the top only what it loads anyway; the stage's working
+modules, and torch and transformers behind them, load when a command runs.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ import errno
 import os
 import sys
 
+from corral.inference.serve_config import ServeConfig
+
+from corral.config import config_help, load_config
+from corral.errors import UsageError
+from corral.fileio import check_output_path
 from corral.templates import TEMPLATE_NAMES
 
 API_KEY_ENV = "CORRAL_API_KEY"
@@ -102,8 +108,6 @@ def _load(args: argparse.Namespace):
 def _params(args: argparse.Namespace, loaded):
     from corral.inference.generation import templated_params
 
-    from corral.errors import UsageError
-
     try:
         return templated_params(
             loaded,
@@ -122,8 +126,6 @@ def _check_sampling(args: argparse.Namespace) -> None:
     """Reject bad sampling flags before spending seconds on loading the model."""
     from corral.inference.params import SamplingParams
 
-    from corral.errors import UsageError
-
     try:
         SamplingParams(
             max_new_tokens=args.max_new_tokens,
@@ -137,8 +139,6 @@ def _check_sampling(args: argparse.Namespace) -> None:
 
 def run_infer(args: argparse.Namespace) -> int:
     _prefer_passive_threads()
-    from corral.errors import UsageError
-    from corral.fileio import check_output_path
     from corral.records import read_alpaca
 
     _check_sampling(args)
@@ -178,11 +178,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
     from corral.inference.loading import load_for_inference
-    from corral.inference.serve_config import ServeConfig
     from corral.inference.server import build_server
-
-    from corral.config import load_config
-    from corral.errors import UsageError
 
     config = load_config(
         ServeConfig,
@@ -275,10 +271,6 @@ def _listen(host: str, port: int):
 
 
 def _serve_epilog() -> str:
-    from corral.inference.serve_config import ServeConfig
-
-    from corral.config import config_help
-
     return "config keys (key=default: help):\n" + config_help(ServeConfig)
 
 

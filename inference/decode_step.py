@@ -5,7 +5,7 @@ directly. transformers' forward does the same arithmetic but, per step, builds a
 rotary angles in every layer and sends attention through PyTorch's fused CPU kernel, which is
 several times slower in bf16 for a single query row. Here the mask and rotary angles are built
 once per step, and attention is the plain multiply, fp32 softmax and multiply that transformers'
-eager path computes, over the engine's slab cache with grouped query heads (no repeated key/value
+eager path computes, over the engine's own KV cache (`kv_cache.py`) with grouped query heads (no repeated key/value
 heads).
 
 `PackedLinear` holds a linear layer's weight in oneDNN's blocked layout for CPU inference, the
@@ -85,7 +85,7 @@ class DecodeStep:
         """Logits [batch, vocab] for one new token per row.
 
         token_ids and positions: [batch, 1]; mask: [batch, cached length + 1], 1 where a row has a
-        real token (the new one included); cache: the engine's slab cache, one layer per decoder
+        real token (the new one included); cache: the engine's `KVCache`, one slab per decoder
         layer, appended to in place.
         """
         batch = token_ids.shape[0]

@@ -35,9 +35,16 @@ from corral.inference.decode_step import (
     unsupported_reason,
 )
 from corral.inference.extraction import IncrementalDetokenizer, StopStringMatcher
+from corral.inference.kv_cache import (
+    KeysAndValues,
+    KVCache,
+    cache_keyword,
+    layers_of,
+    uses_sliding_window,
+)
 from corral.inference.params import SamplingParams
+from corral.inference.sampling import TokenLogprob, sample_next_tokens, token_logprobs
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 
 @dataclass
@@ -55,9 +62,6 @@ class GenerationResult:
     logprobs: list[TokenLogprob] | None = None
     # With params.prompt_logprobs: the same per prompt token; None for the first (no context).
     prompt_logprobs: list[TokenLogprob | None] | None = None
-
-
-TokenLogprob = tuple[float, dict[int, float]]
 
 
 @dataclass
@@ -150,7 +154,7 @@ class GenerationEngine:
         self.context_length = context_length or context_length_of(model, tokenizer)
         self.device = next(model.parameters()).device
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        if any(DynamicCache(config=model.config).is_sliding):
+        if uses_sliding_window(model.config):
             raise ValueError(
                 "this model uses sliding-window attention, which the batching engine does not support"
             )
@@ -168,7 +172,8 @@ class GenerationEngine:
         self._ids = itertools.count()
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
-        self._cache: DynamicCache | None = None
+        self._cache: KVCache | None = None
+        self._cache_keyword = cache_keyword(model)
         self._mask: torch.Tensor | None = None  # [batch, cached length]: 1 = real token
         self._condition = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -352,9 +357,9 @@ class GenerationEngine:
             input_ids=input_ids.to(self.device),
             attention_mask=mask.to(self.device),
             position_ids=position_ids.to(self.device),
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=0 if scoring else 1,
+            **{self._cache_keyword: cache},
         )
         self.stats.forward_passes += 1
         self.stats.prefills += 1
@@ -368,7 +373,7 @@ class GenerationEngine:
                         sequence.prompt_ids[1:],
                         sequence.params.prompt_logprobs,
                     )
-        self._merge(sequences, output.past_key_values, mask.to(self.device))
+        self._merge(sequences, layers_of(cache), mask.to(self.device))
         self._advance(output.logits[:, -1, :], first_row=len(self._active) - len(sequences))
 
     def _decode_step(self) -> None:
@@ -380,39 +385,40 @@ class GenerationEngine:
         if self._decode_fast is not None:
             logits = self._decode_fast.step(last, positions, self._mask, self._cache)
         else:
+            # transformers' forward appends to a copy in its own cache; the new position is then
+            # written into the engine's (a model off the fast path is several times slower anyway).
+            cache = self._cache.to_transformers(self.model.config)
             output = self.model(
                 input_ids=last,
                 attention_mask=self._mask,
                 position_ids=positions,
-                past_key_values=self._cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{self._cache_keyword: cache},
             )
-            self._cache = output.past_key_values
+            self._cache.append_last_position(cache)
             logits = output.logits[:, -1, :]
         self.stats.forward_passes += 1
         self.stats.decode_steps += 1
         self.stats.max_batch_size_seen = max(self.stats.max_batch_size_seen, len(self._active))
         self._advance(logits, first_row=0)
 
-    def _merge(self, sequences: list[_Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
+    def _merge(
+        self, sequences: list[_Sequence], layers: list[KeysAndValues], mask: torch.Tensor
+    ) -> None:
         """Append freshly prefilled rows to the running batch, left-padding whichever is shorter."""
         if self._cache is None or not self._active:
-            self._cache = _slab_cache(
-                self.model.config, [(layer.keys, layer.values) for layer in cache.layers]
-            )
+            self._cache = KVCache(layers)
             self._mask = mask
             self._active = list(sequences)
             return
         length = max(self._mask.shape[1], mask.shape[1])
         merged = []
-        for old_layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
-            keys = torch.cat([_left_pad(old_layer.keys, length), _left_pad(new_layer.keys, length)])
-            values = torch.cat(
-                [_left_pad(old_layer.values, length), _left_pad(new_layer.values, length)]
-            )
+        for old, (new_keys, new_values) in zip(self._cache.layers, layers, strict=True):
+            keys = torch.cat([_left_pad(old.keys, length), _left_pad(new_keys, length)])
+            values = torch.cat([_left_pad(old.values, length), _left_pad(new_values, length)])
             merged.append((keys, values))
-        self._cache = _slab_cache(self.model.config, merged)
+        self._cache = KVCache(merged)
         self._mask = torch.cat(
             [_left_pad(self._mask, length, dim=1), _left_pad(mask, length, dim=1)]
         )
@@ -428,8 +434,7 @@ class GenerationEngine:
         mask = self._mask[index]
         first_used = int(mask.any(dim=0).nonzero()[0])
         self._mask = mask[:, first_used:]
-        for layer in self._cache.layers:
-            layer.replace(layer.keys[index, :, first_used:], layer.values[index, :, first_used:])
+        self._cache.keep(index, first_used)
 
     def _advance(self, logits: torch.Tensor, first_row: int) -> None:
         """Pick the next token of rows `first_row`.. and handle the ones that finish."""
@@ -525,60 +530,9 @@ class GenerationEngine:
             self._finish(sequence, "error", error=message)
 
 
-class _SlabLayer(DynamicLayer):
-    """A cache layer that writes each step's keys and values into spare room in place.
-
-    The stock dynamic layer concatenates the whole cache with every new token, copying it once per
-    step; at a batch of 8 that copy costs about as much as attention itself on a CPU.
-    """
-
-    _GROWTH = 128  # spare positions reserved each time the slab is (re)allocated
-
-    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Hold exactly these keys and values (after rows were merged or dropped)."""
-        self.dtype, self.device = keys.dtype, keys.device
-        self.is_initialized = True
-        self._allocate(keys, values, keys.shape[-2])
-
-    def _allocate(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
-        shape = list(keys.shape)
-        shape[-2] = length + self._GROWTH
-        self._key_slab = keys.new_empty(shape)
-        self._value_slab = values.new_empty(shape)
-        self._key_slab[..., :length, :] = keys
-        self._value_slab[..., :length, :] = values
-        self._length = length
-        self.keys = self._key_slab[..., :length, :]
-        self.values = self._value_slab[..., :length, :]
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ):
-        if not self.is_initialized:
-            self.replace(key_states, value_states)
-            return self.keys, self.values
-        end = self._length + key_states.shape[-2]
-        if end > self._key_slab.shape[-2]:
-            self._allocate(self.keys, self.values, self._length)
-        self._key_slab[..., self._length : end, :] = key_states
-        self._value_slab[..., self._length : end, :] = value_states
-        self._length = end
-        self.keys = self._key_slab[..., :end, :]
-        self.values = self._value_slab[..., :end, :]
-        return self.keys, self.values
-
-
 def _use_threads(count: int | None) -> None:
     if count is not None and torch.get_num_threads() != count:
         torch.set_num_threads(count)
-
-
-def _slab_cache(config: Any, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    cache = DynamicCache(config=config)
-    cache.layers = [_SlabLayer() for _ in layers]
-    for layer, (keys, values) in zip(cache.layers, layers, strict=True):
-        layer.replace(keys, values)
-    return cache
 
 
 def _left_pad(tensor: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
@@ -588,92 +542,6 @@ def _left_pad(tensor: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = missing
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-
-def token_logprobs(
-    logits: torch.Tensor, chosen: Sequence[int], alternatives: int
-) -> list[TokenLogprob]:
-    """(logprob of the chosen token, {id: logprob} of the `alternatives` likeliest and the chosen
-    one) for each row of `logits` [tokens, vocab], from one fp32 log-softmax: a greedy token's
-    logprob is then exactly the largest of its alternatives (clients compare them with ==)."""
-    log_probs = logits.float().log_softmax(dim=-1)
-    chosen_ids = torch.tensor(chosen, device=log_probs.device)
-    picked = log_probs.gather(1, chosen_ids[:, None])[:, 0].tolist()
-    if alternatives > 0:
-        values, ids = log_probs.topk(alternatives, dim=-1)
-        values, ids = values.tolist(), ids.tolist()
-    else:
-        values = ids = [[] for _ in chosen]
-    found = []
-    for token, logprob, top_ids, top_values in zip(chosen, picked, ids, values, strict=True):
-        top = dict(zip(top_ids, top_values, strict=True))
-        top[token] = logprob
-        found.append((logprob, top))
-    return found
-
-
-def sample_next_tokens(
-    logits: torch.Tensor,
-    params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator],
-    histories: Sequence[Sequence[int]] = (),
-    prompts: Sequence[Sequence[int]] = (),
-) -> list[int]:
-    """One token per row: greedy rows take the argmax, the others sample with their own settings.
-
-    `histories` (tokens generated so far per row) feed the presence and frequency penalties; the
-    repetition penalty also counts the row's prompt (`prompts`), as transformers does.
-    """
-    tokens = logits.argmax(dim=-1).tolist()
-    for row, row_params in enumerate(params):
-        row_logits = logits[row]
-        if row_params.adjusts_logits:
-            row_logits = _adjust_logits(
-                row_logits,
-                row_params,
-                histories[row] if histories else (),
-                prompts[row] if prompts else (),
-            )
-            tokens[row] = int(row_logits.argmax())
-        if row_params.greedy:
-            continue
-        scores = row_logits / row_params.temperature
-        if row_params.top_k > 0 and row_params.top_k < scores.shape[0]:
-            kth = torch.topk(scores, row_params.top_k).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if row_params.top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, descending=True)
-            cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-            # Keep the smallest set whose probability reaches top_p (always the best token).
-            drop = cumulative - sorted_scores.softmax(dim=-1) >= row_params.top_p
-            scores = scores.scatter(0, order[drop], float("-inf"))
-        probabilities = scores.softmax(dim=-1)
-        tokens[row] = int(torch.multinomial(probabilities.cpu(), 1, generator=generators[row]))
-    return tokens
-
-
-def _adjust_logits(
-    logits: torch.Tensor, params: SamplingParams, history: Sequence[int], prompt: Sequence[int] = ()
-) -> torch.Tensor:
-    logits = logits.clone()
-    vocab = logits.shape[0]
-    if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted({*prompt, *history}), dtype=torch.long, device=logits.device)
-        seen = seen[seen < vocab]
-        picked = logits[seen]
-        logits[seen] = torch.where(
-            picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty
-        )
-    for token_id, bias in params.logit_bias.items():
-        if 0 <= token_id < vocab:
-            logits[token_id] += bias
-    if history and (params.presence_penalty or params.frequency_penalty):
-        counts = torch.bincount(torch.tensor(history, dtype=torch.long), minlength=vocab)[:vocab]
-        counts = counts.to(logits.device, logits.dtype)
-        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(
-            logits.dtype
-        )
-    return logits
 
 
 def context_length_of(model: Any, tokenizer: Any) -> int:

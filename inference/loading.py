@@ -15,6 +15,7 @@ from typing import Any
 from corral.inference.extraction import ResponseMarkers
 
 from corral.errors import UsageError
+from corral.models import default_dtype, load_model, load_tokenizer, quiet_transformers
 from corral.rundir import RunDir, RunInfo, has_run_info, read_run_info
 from corral.templates import (
     PromptTemplate,
@@ -103,8 +104,6 @@ def load_for_inference(
     for faster generation unless the base is quantized or `merge_adapter` is False.
     """
     from corral.inference.engine import context_length_of
-
-    from corral.models import default_dtype, load_model, load_tokenizer, quiet_transformers
 
     if (model is None) == (run is None):
         raise UsageError("give exactly one of a model (--model) or a run directory (--run)")

@@ -3,7 +3,11 @@ fast mechanics tests, and the Self-Instruct reference data in ../shared (skipped
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +22,61 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # Spinning OpenMP threads starve every other process on a two-core machine (servers and launched
 # training processes that tests start); waiting passively costs nothing measurable here.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+# Tests with these markers take minutes or other environments: they are slow too, so that
+# `pytest -m "not slow"` (the fast tests) leaves them out without naming each marker.
+SLOW_KINDS = ("long", "vllm", "lm_eval")
+_SESSION_STARTED = time.monotonic()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
+            item.add_marker(pytest.mark.slow)
+
+
+@contextlib.contextmanager
+def _embedded_model_guard(item: pytest.Item) -> Iterator[None]:
+    """Make a fast test fail where it would load the embedded model (in this process)."""
+    import corral.models
+
+    original = corral.models.prepare_embedded
+    if item.get_closest_marker("slow"):
+        yield
+        return
+
+    def refuse() -> Path:
+        # Building tiny-random the first time on a machine reads the embedded tokenizer: allowed.
+        if any(frame.function == "_build_tiny_random" for frame in inspect.stack()):
+            return original()
+        raise AssertionError(f"{item.nodeid} loads the embedded model: mark it slow")
+
+    corral.models.prepare_embedded = refuse
+    try:
+        yield
+    finally:
+        corral.models.prepare_embedded = original
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    with _embedded_model_guard(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with _embedded_model_guard(item):
+        return (yield)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """One line with the session's wall time, selection included (`-m "not slow"` for the fast)."""
+    markexpr = terminalreporter.config.option.markexpr
+    terminalreporter.write_line(
+        f"corral tests ({markexpr or 'all'}): {time.monotonic() - _SESSION_STARTED:.1f} s"
+    )
 
 
 def shared_file(name: str) -> Path:
@@ -55,10 +114,12 @@ def tiny_model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def embedded_tokenizer(embedded_model_path):
+def embedded_tokenizer(tiny_model_path):
+    """The embedded model's tokenizer, read from the tiny random model's folder, which holds the
+    same tokenizer files: tokenization tests need the real vocabulary, not the 135M weights."""
     from corral.models import load_tokenizer
 
-    return load_tokenizer("embedded")
+    return load_tokenizer("tiny-random")
 
 
 @pytest.fixture(scope="session")

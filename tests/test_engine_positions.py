@@ -3,6 +3,9 @@ off-by-one position a different model, whose greedy answers drift from transform
 
 from __future__ import annotations
 
+import inspect
+
+import pytest
 import torch
 from corral.inference.params import SamplingParams
 
@@ -43,6 +46,7 @@ def test_prefill_and_decode_positions_continue_each_prompt(tiny_model_path):
         assert positions[:, 0].tolist() == [5 + k, 8 + k]
 
 
+@pytest.mark.slow
 def test_greedy_answers_equal_a_full_forward_pass_at_every_step(
     embedded_model, embedded_tokenizer, one_torch_thread
 ):
@@ -61,3 +65,26 @@ def test_greedy_answers_equal_a_full_forward_pass_at_every_step(
             logits = embedded_model(input_ids=torch.tensor([sequence])).logits[0, -1]
             sequence.append(int(logits.argmax()))
     assert generated == sequence[len(prompt) : len(prompt) + len(generated)]
+
+
+def test_a_wrapped_model_gets_the_cache_under_the_name_its_transformers_uses(tiny_model_path):
+    """transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns
+    until 5.40): the engine asks the wrapped model's forward which name it takes."""
+    import warnings
+
+    from corral.inference.engine import GenerationEngine
+    from corral.inference.kv_cache import cache_keyword
+
+    from corral.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer("tiny-random", padding_side="left")
+    inner = load_model("tiny-random", dtype=torch.float32, tokenizer=tokenizer)
+    model = RecordingModel(inner)
+    assert cache_keyword(model) == cache_keyword(inner)
+    assert cache_keyword(inner) in inspect.signature(inner.forward).parameters
+    engine = GenerationEngine(model, tokenizer, max_batch_size=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = engine.generate([[10, 11, 12]], SamplingParams(max_new_tokens=3))
+    assert results[0].completion_tokens == 3
+    assert not [w for w in caught if "deprecated" in str(w.message)], caught

@@ -165,6 +165,7 @@ def test_the_gguf_carries_the_exports_chat_template_and_a_modelfile(embedded_exp
     assert "### Instruction:\n{{ .Content }}\n\n### Response:\n" in text
 
 
+@pytest.mark.slow  # `corral export --gguf` in a process: merge, convert, quantize
 def test_the_cli_writes_a_quantized_gguf_of_an_adapter_run(lora_run, tmp_path):
     """Without --merge the run is merged in a temporary folder beside the output, then removed."""
     out_dir = tmp_path / "models"
@@ -178,6 +179,7 @@ def test_the_cli_writes_a_quantized_gguf_of_an_adapter_run(lora_run, tmp_path):
     assert 'PARAMETER stop "### End"\nPARAMETER stop "<|im_end|>"\n' in modelfile
 
 
+@pytest.mark.slow  # converts a merged export and runs both models
 def test_an_f16_gguf_of_a_merged_export_is_close_to_it(lora_run, tmp_path):
     """A merged export (no adapter) is converted as it is."""
     import torch

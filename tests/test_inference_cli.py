@@ -67,6 +67,7 @@ def test_infer_fills_outputs_and_keeps_other_fields(tmp_path, tiny_model_path):
     assert not (tmp_path / "answers.json.partial.jsonl").exists()
 
 
+@pytest.mark.slow  # runs `corral infer` processes
 def test_infer_bad_input_names_file_record_and_field(tmp_path):
     source = tmp_path / "bad.json"
     source.write_text(json.dumps([{"instruction": "ok"}, {"instruction": 7}]))

@@ -8,8 +8,9 @@ import queue
 
 import pytest
 import torch
-from corral.inference.engine import GenerationEngine, sample_next_tokens
+from corral.inference.engine import GenerationEngine
 from corral.inference.params import SamplingParams
+from corral.inference.sampling import sample_next_tokens
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 

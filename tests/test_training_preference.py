@@ -150,6 +150,7 @@ def test_bad_preference_settings_are_config_errors(overrides, message):
         dpo_config(*overrides)
 
 
+@pytest.mark.slow  # names the embedded model, which resolving prepares
 def test_init_adapter_must_match_the_base_and_template(lora_run):
     from corral.training.model import check_init_adapter
 

@@ -3,6 +3,7 @@ value stops the run in a second, before any model loads, with the key named."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -76,12 +77,21 @@ def test_checkpoints_need_resume_or_overwrite(tmp_path):
     assert not (run / "checkpoints").exists()
 
 
-def test_a_start_interrupted_before_its_first_checkpoint_starts_again(tmp_path):
+@pytest.mark.slow  # trains a step
+def test_a_start_interrupted_before_its_first_checkpoint_starts_again(tmp_path, tiny_model_path):
+    from corral.training.loop import train
+
     run = tmp_path / "run"
     (run / "tensorboard").mkdir(parents=True)
     (run / "corral_config.yaml").write_text("model: embedded\n")
-    (run / "metrics.jsonl").write_text('{"step": 0}\n')
-    prepare_run_dir(config(run), run)  # no error
+    (run / "metrics.jsonl").write_text('{"step": 0, "interrupted": true}\n')
+    # Neither resume nor overwrite asked: what the interrupted start left is not a run to protect.
+    train(config(run, "model=tiny-random", "max_steps=1", "val_size=0", "report_to=[none]"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records and not any(r.get("interrupted") for r in records), records
+    assert [r["step"] for r in records if "loss" in r] == [1]
+    assert "model: tiny-random" in (run / "corral_config.yaml").read_text()
+    assert (run / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize(
@@ -94,6 +104,7 @@ def test_a_start_interrupted_before_its_first_checkpoint_starts_again(tmp_path):
         ("lora_target_modules=[qkv]", "'qkv' is not a linear layer of embedded; choose from"),
     ],
 )
+@pytest.mark.slow  # runs train.py processes
 def test_bad_values_stop_before_the_model_loads(override, message, tmp_path):
     result = train_py(override, f"output_dir={tmp_path / 'run'}", timeout=120)
     assert result.returncode == 2, result.stderr

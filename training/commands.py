@@ -1,6 +1,7 @@
 """`corral train` and `corral export`; `train.py` calls `main` here.
 
-Only argparse and light modules at the top: torch and transformers load when a command runs.
+`corral --help` imports this module: at the top only what it loads anyway; the stage's working
+modules, and torch and transformers behind them, load when a command runs.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from corral.training.config import TrainConfig
+
+from corral.config import config_help, load_config
 from corral.errors import CorralError, UsageError
 
 TRAIN_DESCRIPTION = (
@@ -31,18 +35,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_epilog() -> str:
-    from corral.training.config import TrainConfig
-
-    from corral.config import config_help
-
     return "config keys (key=default: help):\n" + config_help(TrainConfig)
 
 
 def load_train_config(config_path: str | None, overrides: list[str]):
-    from corral.training.config import TrainConfig
-
-    from corral.config import load_config
-
     return load_config(TrainConfig, config_path, overrides)
 
 

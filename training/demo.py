@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from corral.training.config import TrainConfig
+from corral.training.loop import train
 
 from corral.config import load_config
 
@@ -54,6 +55,5 @@ def train_demo_adapter(
     data: str | os.PathLike, output_dir: str | os.PathLike, *, model: str = "embedded", **overrides
 ) -> Path:
     """Train the demo LoRA on an Alpaca file in this process; returns the run directory."""
-    from corral.training.loop import train
 
     return train(demo_config(data, output_dir, model=model, **overrides))

@@ -16,6 +16,7 @@ from typing import Any
 
 from corral.errors import UsageError
 from corral.fileio import check_output_path, temporary_folder_beside, weights_follow_umask
+from corral.models import load_model, quiet_transformers
 from corral.rundir import read_run_info, write_run_info
 from corral.templates import PromptTemplate, adds_bos, get_template, stop_token_ids
 
@@ -60,8 +61,6 @@ def merge_run(
     import torch
     from peft import PeftModel
     from transformers import AutoTokenizer
-
-    from corral.models import load_model, quiet_transformers
 
     torch_dtype = getattr(torch, dtype)
     with quiet_transformers():

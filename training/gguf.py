@@ -38,6 +38,7 @@ from corral.fileio import (
     exclusive_output,
     temporary_folder_beside,
 )
+from corral.models import quiet_transformers
 from corral.rundir import MODEL_CONFIG_FILE, RunDir, RunInfo, has_run_info, read_run_info
 from corral.templates import PromptTemplate, adds_bos, get_template, stop_token_ids
 
@@ -154,8 +155,6 @@ def _check_convertible(folder: Path, tokenizer_folder: Path | None = None) -> No
     _model_shape(_read_config(folder), folder)
     from transformers import AutoTokenizer
 
-    from corral.models import quiet_transformers
-
     tokenizer_folder = tokenizer_folder or folder
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
@@ -251,8 +250,6 @@ def write_gguf(
     `source_run`: the run the folder was merged from, named in the file's metadata.
     """
     from gguf import GGUFWriter, LlamaFileType, TokenType
-
-    from corral.models import quiet_transformers
 
     folder = Path(model_dir)
     out = Path(out_path)

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corral.training.batches import collate
 from corral.training.data import (
     TokenizationReport,
     TokenizedExample,
@@ -230,7 +231,6 @@ def collate_pairs(
     row_capacity: int | None = None,
 ) -> dict[str, Any]:
     """One batch of 2n sequences, the n chosen then the n rejected (one forward pass for both)."""
-    from corral.training.batches import collate
 
     examples = [pair.chosen for pair in pairs] + [pair.rejected for pair in pairs]
     batch = collate(examples, packing=packing, pad_token_id=pad_token_id, row_capacity=row_capacity)

@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import sys
 
+from corral.cli.demo import add_demo_arguments, run_demo
 from corral.errors import CorralError
 
 # Stage modules that add subcommands, in the order they appear in --help.
@@ -34,8 +35,6 @@ def _cmd_model_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from corral.cli.demo import run_demo
-
     return run_demo(args)
 
 
@@ -63,8 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     for module_name in STAGE_COMMAND_MODULES:
         if importlib.util.find_spec(module_name) is not None:
             importlib.import_module(module_name).register(sub)
-
-    from corral.cli.demo import add_demo_arguments
 
     demo = sub.add_parser(
         "demo",

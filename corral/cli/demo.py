@@ -26,7 +26,13 @@ import shutil
 import time
 from pathlib import Path
 
+from corral.config import load_config
+from corral.data_gen.config import GenerateConfig
 from corral.rundir import RunDir, read_summary
+from corral.training.config import TrainConfig
+
+# `corral --help` imports this module (for the demo's arguments): the stages' working modules are
+# imported inside the steps that use them, so the help stays instant.
 
 # Held out: not among the seed tasks, not generated from them on purpose, not in any training file.
 HELD_OUT_INSTRUCTIONS = [
@@ -121,8 +127,6 @@ def compare_step(run_dir: Path, max_new_tokens: int) -> dict[str, list]:
 
 
 def dpo_step(out: Path, sft_run: Path, fresh: bool) -> Path:
-    from corral.config import load_config
-    from corral.training.config import TrainConfig
     from corral.training.loop import train
 
     run_dir = out / "run_dpo"
@@ -203,7 +207,6 @@ def run_demo(args: argparse.Namespace) -> int:
     compare_step(run_dir, args.max_new_tokens)
 
     steps.begin("report")
-    from corral.data_gen.config import GenerateConfig
 
     seeds = GenerateConfig().seed_tasks_path()
     report = write_report([data, run_dir], out / "report.html", seed_tasks=seeds)
