@@ -60,7 +60,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -70,9 +69,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.training.mfu import Architecture, flops_per_token
+
+from corral.loopback import free_port
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 GB = 1e9  # decimal gigabytes, as docs/training.md's table
 WARMUP_STEPS = 2  # left out of tokens/s: kernel selection, allocator growth
@@ -136,85 +137,6 @@ README_7B_TABLE = {
 }
 
 # ------------------------------------------------------------------------------ arithmetic
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """The numbers of a LLaMA-architecture config that memory and FLOPs depend on."""
-
-    vocab: int
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    tied: bool
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Architecture:
-        needed = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
-        missing = [key for key in (*needed, "num_attention_heads") if not config.get(key)]
-        if missing:
-            raise ValueError(f"config.json lacks {', '.join(missing)}")
-        heads = int(config["num_attention_heads"])
-        return cls(
-            vocab=int(config["vocab_size"]),
-            hidden=int(config["hidden_size"]),
-            intermediate=int(config["intermediate_size"]),
-            layers=int(config["num_hidden_layers"]),
-            heads=heads,
-            kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
-            tied=bool(config.get("tie_word_embeddings", False)),
-        )
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of every linear layer of one decoder layer."""
-        h, q, kv, i = (
-            self.hidden,
-            self.heads * self.head_dim,
-            self.kv_heads * self.head_dim,
-            self.intermediate,
-        )
-        return {
-            "q_proj": (h, q),
-            "k_proj": (h, kv),
-            "v_proj": (h, kv),
-            "o_proj": (q, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }
-
-    @property
-    def layer_linear_params(self) -> int:
-        return sum(a * b for a, b in self.linear_shapes().values())
-
-    @property
-    def quantized_params(self) -> int:
-        """What NF4 quantizes: the decoder layers' linear weights."""
-        return self.layers * self.layer_linear_params
-
-    @property
-    def unquantized_params(self) -> int:
-        """Embeddings, the untied lm_head and the norms: kept in fp32 under QLoRA."""
-        head = 0 if self.tied else self.vocab * self.hidden
-        return self.vocab * self.hidden + head + (2 * self.layers + 1) * self.hidden
-
-    @property
-    def parameters(self) -> int:
-        return self.quantized_params + self.unquantized_params
-
-    @property
-    def matmul_params(self) -> int:
-        """Weights that multiply per token: the layers' linears and the vocabulary projection."""
-        return self.quantized_params + self.vocab * self.hidden
-
-    def lora_params(self, rank: int, targets: list[str]) -> int:
-        shapes = self.linear_shapes()
-        names = list(shapes) if [t.lower() for t in targets] == ["all-linear"] else targets
-        return self.layers * sum(rank * sum(shapes[name]) for name in names if name in shapes)
 
 
 # Bytes per token per layer of 16-bit activations kept for backward (Korthikanti et al. 2022,
@@ -294,28 +216,6 @@ def memory_arithmetic(
         "tensors_gb": round(tensors, 3),
         "overhead_gb": OVERHEAD_GB,
         "total_gb": round(tensors + OVERHEAD_GB, 3),
-    }
-
-
-def flops_per_token(
-    arch: Architecture, *, method: str, adapter_params: int, context: float
-) -> dict[str, Any]:
-    """Model FLOPs per trained token (see the module docstring), at mean attention context l."""
-    attention = 12 * arch.layers * arch.heads * arch.head_dim * context
-    if method == "full":
-        weights, formula = 6 * arch.matmul_params, "6*N_mm + 12*L*d*l"
-    else:
-        weights = 4 * arch.matmul_params + 6 * adapter_params
-        formula = "4*N_mm + 6*N_adapter + 12*L*d*l"
-    return {
-        "formula": formula,
-        "N_mm": arch.matmul_params,
-        "N_adapter": adapter_params if method != "full" else 0,
-        "L": arch.layers,
-        "d": arch.heads * arch.head_dim,
-        "l": round(context, 1),
-        "flops_per_token": weights + attention,
-        "six_n_flops_per_token": 6 * arch.parameters,
     }
 
 
@@ -734,12 +634,6 @@ def build_plan(args: argparse.Namespace, model: str, workdir: Path, gpus: int) -
         )
     )
     return steps
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def validate_plan(steps: list[Step]) -> list[str]:
