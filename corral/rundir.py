@@ -39,7 +39,7 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 MODEL_CONFIG_FILE = "config.json"
 
-METHODS = ("lora", "qlora", "full", "dpo", "reward")
+METHODS = ("lora", "qlora", "full", "dpo", "reward", "grpo")
 KINDS = ("adapter", "full", "merged", "reward")
 _KIND_OF_METHOD = {"full": "full", "reward": "reward"}  # every other method leaves an adapter
 # The markers a run trained with; inference checks that its template still gives the same ones.
@@ -51,7 +51,7 @@ class RunInfo:
     """The contents of `run_info.json`."""
 
     base_model: str  # the name the run was given (embedded, a hub id, a folder)
-    method: str  # lora | qlora | full | dpo | reward: how the weights were trained
+    method: str  # lora | qlora | full | dpo | reward | grpo: how the weights were trained
     template: str  # alpaca | dolly | chat
     kind: str  # adapter | full | merged | reward: what the folder holds
     base_model_path: str = ""  # where the base was found when training ran

@@ -4,10 +4,10 @@ Presets in configs/training/*.yaml set any of these fields; `key=value` override
 
 Methods: supervised fine-tuning on Alpaca records (`lora`, `qlora`, `full`), and two methods on
 preference pairs `{prompt, chosen, rejected}` (training/preference.py): `dpo` (Direct Preference
-Optimization of a LoRA adapter) and `reward` (a reward model: LoRA + a scalar head). RL with PPO
-(the third step of InstructGPT and DeepSpeed-Chat) is not offered: `dpo` optimises the same
-KL-constrained preference objective directly from the pairs, with no reward model or sampling in
-the loop.
+Optimization of a LoRA adapter) and `reward` (a reward model: LoRA + a scalar head); and online
+RL on prompts `{prompt, ...}`: `grpo` (training/grpo.py; a LoRA adapter trained on completions it
+samples itself, scored by reward functions or a reward model, training/rewards.py), the third step
+of DeepSpeed-Chat as the field runs it now. Its keys are named as TRL's GRPOConfig names them.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from typing import Literal
 from corral.errors import ConfigError
 
 PREFERENCE_METHODS = ("dpo", "reward")  # trained on {prompt, chosen, rejected} pairs
-ADAPTER_METHODS = ("lora", "qlora", *PREFERENCE_METHODS)  # a LoRA adapter on a frozen base
+RL_METHODS = ("grpo",)  # trained on completions sampled from the policy, on {prompt, ...} records
+ADAPTER_METHODS = ("lora", "qlora", *PREFERENCE_METHODS, *RL_METHODS)  # LoRA on a frozen base
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 
 
 @dataclass
@@ -30,8 +33,9 @@ class TrainConfig:
         default="",
         metadata={
             "help": "Alpaca JSON/JSONL file, a `datasets` folder, or a `datasets` hub id; for "
-            "method dpo or reward, a JSON/JSONL file of {prompt, chosen, rejected} pairs (in a "
-            "preset, a relative path is found beside the preset first)",
+            "method dpo or reward, a JSON/JSONL file of {prompt, chosen, rejected} pairs; for "
+            "grpo, a JSON/JSONL file of prompt records {prompt, ...} whose other fields reach the "
+            "reward functions (in a preset, a relative path is found beside the preset first)",
             "input_path": True,
         },
     )
@@ -74,14 +78,14 @@ class TrainConfig:
         default="embedded",
         metadata={"help": "base model: embedded, tiny-random, a local folder or a hub id"},
     )
-    method: Literal["lora", "qlora", "full", "dpo", "reward"] = field(
+    method: Literal["lora", "qlora", "full", "dpo", "reward", "grpo"] = field(
         default="lora",
         metadata={
             "help": "lora, qlora (4-bit NF4 base + LoRA) or full (all weights) on Alpaca data; on "
             "preference pairs: dpo (a LoRA adapter trained by Direct Preference Optimization) or "
             "reward (a reward model: LoRA on the base + a scalar head on the last token, "
-            "pairwise loss). PPO is not offered: use dpo, which optimises the same objective "
-            "without a reward model or sampling"
+            "pairwise loss); on prompts: grpo (online RL of a LoRA adapter on completions it "
+            "samples, scored by reward_funcs and/or reward_model)"
         },
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
@@ -102,28 +106,76 @@ class TrainConfig:
             "bf16 (AVX512-BF16, AMX), fp32 otherwise"
         },
     )
-    # ---- preferences (method dpo or reward)
-    beta: float = field(
-        default=0.1,
+    # ---- preferences (method dpo or reward) and online RL (method grpo)
+    beta: float | None = field(
+        default=None,
         metadata={
-            "help": "dpo: how closely the policy stays to the reference (the KL weight; higher "
-            "stays closer); for loss_type ipo, the regulariser tau"
+            "help": "the KL weight to the reference policy (higher stays closer); dpo: default "
+            "0.1 (for loss_type ipo, the regulariser tau); grpo: default 0.0, no reference forward"
         },
     )
-    loss_type: Literal["sigmoid", "ipo"] = field(
-        default="sigmoid",
+    loss_type: Literal["sigmoid", "ipo", "grpo", "dr_grpo", "dapo", "bnpo"] | None = field(
+        default=None,
         metadata={
-            "help": "dpo loss: sigmoid (the DPO paper: -log sigmoid(beta * margin of summed "
-            "log-ratios)) or ipo ((margin of per-token mean log-ratios - 1/(2 beta))^2)"
+            "help": "dpo: sigmoid (default; -log sigmoid(beta * margin of summed log-ratios)) or "
+            "ipo ((margin of per-token mean log-ratios - 1/(2 beta))^2); grpo: the length "
+            "normalisation: dapo (default; tokens of the step), grpo (per completion), dr_grpo "
+            "(completions x max_completion_length) or bnpo (tokens of each forward pass)"
         },
     )
     init_adapter: str = field(
         default="",
         metadata={
-            "help": "dpo: an SFT run directory whose LoRA adapter the policy starts from (its r, "
-            "alpha, targets and dropout win over lora_*); the reference is then base + that "
-            "adapter, frozen. Empty: a fresh adapter, and the base alone is the reference"
+            "help": "dpo, grpo: an SFT run directory whose LoRA adapter the policy starts from "
+            "(its r, alpha, targets and dropout win over lora_*); the reference is then base + "
+            "that adapter, frozen. Empty: a fresh adapter, and the base alone is the reference"
         },
+    )
+    num_generations: int = field(
+        default=8, metadata={"help": "grpo: completions sampled per prompt (a group; at least 2)"}
+    )
+    max_completion_length: int = field(
+        default=256, metadata={"help": "grpo: most tokens a sampled completion may have"}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "grpo: sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "grpo: nucleus sampling probability"})
+    num_iterations: int = field(
+        default=1, metadata={"help": "grpo: optimizer steps on each rollout (PPO epochs)"}
+    )
+    epsilon: float = field(
+        default=0.2, metadata={"help": "grpo: clip the importance ratio below at 1 - epsilon"}
+    )
+    epsilon_high: float | None = field(
+        default=None,
+        metadata={
+            "help": "grpo: clip the ratio above at 1 + epsilon_high (DAPO: 0.28; default epsilon)"
+        },
+    )
+    scale_rewards: Literal["group", "batch", "none"] = field(
+        default="group",
+        metadata={
+            "help": "grpo: divide advantages by the std of the group, of the batch, or none "
+            "(Dr. GRPO)"
+        },
+    )
+    mask_truncated_completions: bool = field(
+        default=False,
+        metadata={"help": "grpo: leave completions cut at max_completion_length out of the loss"},
+    )
+    reward_funcs: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "grpo: reward functions: exact_answer, final_number, format:REGEX, length:N, "
+            "or path/to/file.py:function (fn(prompts, completions, **fields) -> list[float])"
+        },
+    )
+    reward_weights: list[float] = field(
+        default_factory=list,
+        metadata={"help": "grpo: one weight per reward function, reward_model last (empty: all 1)"},
+    )
+    reward_model: str = field(
+        default="",
+        metadata={"help": "grpo: a method=reward run directory that scores completions too"},
     )
     # ---- optimisation
     epochs: float = field(default=3.0, metadata={"help": "passes over the training data"})
@@ -223,11 +275,11 @@ class TrainConfig:
             raise ConfigError(f"key 'report_to': unknown tracker(s) {sorted(unknown)}")
         if self.method == "full" and self.use_dora:
             raise ConfigError("key 'use_dora': DoRA needs method lora or qlora")
-        if not self.beta > 0:
-            raise ConfigError(f"key 'beta': must be above 0, got {self.beta}")
-        if self.init_adapter and self.method != "dpo":
+        self._resolve_method_defaults()
+        if self.init_adapter and self.method not in ("dpo", *RL_METHODS):
             raise ConfigError(
-                "key 'init_adapter': starts a dpo run from an SFT adapter; set method=dpo"
+                "key 'init_adapter': starts a dpo or grpo run from an SFT adapter; set method=dpo "
+                "or method=grpo"
             )
         if self.method in PREFERENCE_METHODS and self.train_on_inputs:
             raise ConfigError(
@@ -239,3 +291,55 @@ class TrainConfig:
                 "key 'packing': a reward model reads each sequence's last token, one sequence per "
                 "row; set packing=false"
             )
+
+    def _resolve_method_defaults(self) -> None:
+        """beta and loss_type mean different things to dpo and grpo: fill in the method's default
+        and refuse a value of the other method."""
+        rl = self.method in RL_METHODS
+        if self.beta is None:
+            self.beta = 0.0 if rl else 0.1
+        if self.loss_type is None:
+            self.loss_type = "dapo" if rl else "sigmoid"
+        allowed = GRPO_LOSS_TYPES if rl else DPO_LOSS_TYPES
+        if self.loss_type not in allowed:
+            raise ConfigError(
+                f"key 'loss_type': {self.loss_type!r} is not a loss of method {self.method}; "
+                f"choose one of {', '.join(allowed)}"
+            )
+        if rl:
+            if self.beta < 0:
+                raise ConfigError(f"key 'beta': must be 0 or more, got {self.beta}")
+            self._check_grpo()
+        elif not self.beta > 0:
+            raise ConfigError(f"key 'beta': must be above 0, got {self.beta}")
+
+    def _check_grpo(self) -> None:
+        if self.num_generations < 2:
+            raise ConfigError(
+                f"key 'num_generations': must be at least 2, got {self.num_generations} (GRPO "
+                "compares each completion with the others of its group)"
+            )
+        for name in ("max_completion_length", "num_iterations"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"key '{name}': must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.temperature <= 2:
+            raise ConfigError(f"key 'temperature': must be in (0, 2], got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"key 'top_p': must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.epsilon < 1:
+            raise ConfigError(f"key 'epsilon': must be in [0, 1), got {self.epsilon}")
+        if self.epsilon_high is not None and self.epsilon_high < 0:
+            raise ConfigError(f"key 'epsilon_high': must be 0 or more, got {self.epsilon_high}")
+        completions = self.micro_batch_size * self.gradient_accumulation_steps
+        if completions % self.num_generations:
+            raise ConfigError(
+                f"key 'num_generations': micro_batch_size x gradient_accumulation_steps "
+                f"({completions} completions per step and process) must hold whole groups of "
+                f"{self.num_generations}"
+            )
+        if not self.reward_funcs and not self.reward_model:
+            raise ConfigError(
+                "method grpo needs a reward: set reward_funcs (e.g. [final_number]) or reward_model"
+            )
+        if self.packing:
+            raise ConfigError("key 'packing': method grpo trains padded completions; set false")

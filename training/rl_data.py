@@ -83,8 +83,13 @@ def read_prompt_records(
 # ---------------------------------------------------------------- the built-in task
 
 
+ANSWER_FORMAT = " Answer with the number only."
+
+
 def arithmetic_records(seed: int = 0, count: int = 256) -> list[dict[str, Any]]:
-    """`count` distinct small-number questions with their numeric answers, the same for a seed."""
+    """`count` distinct small-number questions with their numeric answers, the same for a seed:
+    additions (1-20 + 1-9), subtractions (6-30 - 1-5) and successors (1-98), a third each on
+    average."""
     rng = random.Random(seed)
     seen: set[str] = set()
     records = []
@@ -102,5 +107,5 @@ def arithmetic_records(seed: int = 0, count: int = 256) -> list[dict[str, Any]]:
         if prompt in seen:
             continue
         seen.add(prompt)
-        records.append({"prompt": prompt, "answer": str(answer), "kind": kind})
+        records.append({"prompt": prompt + ANSWER_FORMAT, "answer": str(answer), "kind": kind})
     return records
