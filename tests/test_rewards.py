@@ -180,3 +180,11 @@ def test_a_reward_model_run_scores_completions(tmp_path, tiny_model_path):
     (reward,) = build_rewards([], reward_model=str(run))
     scores = score_completions([reward], RECORDS, ["five", "a thousand and one"])[0]
     assert len(scores) == 2 and all(math.isfinite(s) for s in scores) and scores[0] != scores[1]
+
+
+def test_the_presets_task_file_is_the_builtin_task_for_seed_0():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "training" / "grpo_arithmetic.jsonl"
+    records = read_prompt_records(path, required_fields=("answer",))
+    assert records == arithmetic_records(0, len(records)) and len(records) == 256
