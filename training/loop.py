@@ -34,7 +34,7 @@ from corral.training.checkpoint import (
     register_adapter_only_hooks,
     save_checkpoint,
 )
-from corral.training.config import PREFERENCE_METHODS, TrainConfig
+from corral.training.config import PREFERENCE_METHODS, RL_METHODS, TrainConfig
 from corral.training.data import (
     load_records,
     plan_batches,
@@ -123,6 +123,8 @@ class TrainingRun:
     # The latest logged metrics of this session (train step and evaluation), for the summary.
     latest_train: dict[str, float] = field(default_factory=dict)
     latest_eval: dict[str, float] = field(default_factory=dict)
+    # Online RL (method grpo): the objective that owns data, batches, loss, evaluation and state.
+    objective: Any = None
 
     @property
     def pairs(self) -> bool:
@@ -326,8 +328,13 @@ def setup(config: TrainConfig, accelerator: Any) -> TrainingRun:
     with quiet_transformers():
         tokenizer = load_tokenizer(config.model)
     template = get_template(config.template, tokenizer)
-    train_examples, val_examples, report = prepare_examples(config, tokenizer, template)
+    objective = rl_objective(config)
+    if objective is not None:
+        train_examples, val_examples, report = objective.prepare_examples(tokenizer, template)
+    else:
+        train_examples, val_examples, report = prepare_examples(config, tokenizer, template)
     unit = "pairs" if config.method in PREFERENCE_METHODS else "examples"
+    unit = "prompts" if objective is not None else unit
     say(
         f"data: {config.data}: {report.summary().replace('examples', unit)}; "
         f"{len(val_examples)} validation {unit}"
@@ -346,6 +353,8 @@ def setup(config: TrainConfig, accelerator: Any) -> TrainingRun:
     trainable, total = count_parameters(model)
     say(f"model: {config.model} ({config.method}): {trainable:,} trainable of {total:,} parameters")
     say(f"precision: {precision_name(accelerator)} (precision={config.precision})")
+    if objective is not None:
+        say(objective.describe())
     if config.method == "dpo":
         say(
             f"dpo: beta {config.beta}, loss {config.loss_type}; the policy starts from "
@@ -362,6 +371,9 @@ def setup(config: TrainConfig, accelerator: Any) -> TrainingRun:
         register_adapter_only_hooks(accelerator)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
+    if objective is not None:
+        # The rollout later iterations reuse goes into every checkpoint (main process's only).
+        accelerator.register_for_checkpointing(objective)
     step = 0
     resume_from = resolve_resume(config, run_dir)
     if resume_from is not None:
@@ -396,7 +408,22 @@ def setup(config: TrainConfig, accelerator: Any) -> TrainingRun:
         run_dir=run_dir,
         resumed_from=resume_from,
         step=step,
+        objective=objective,
     )
+
+
+def rl_objective(config: TrainConfig) -> Any:
+    """Online RL's objective (method grpo), or None for the methods this loop runs itself.
+
+    The one place the loop asks for GRPO, until the loop takes one objective per method: where
+    `run.objective` is set, the loop's data, batches, loss units, loss, step metrics, evaluation
+    and summary come from it (training/grpo_objective.py).
+    """
+    if config.method not in RL_METHODS:
+        return None
+    from corral.training.grpo_objective import GRPOObjective
+
+    return GRPOObjective(config)
 
 
 def prepare_examples(config: TrainConfig, tokenizer: Any, template: Any) -> tuple[list, list, Any]:
@@ -529,6 +556,8 @@ def resolve_resume(config: TrainConfig, run_dir: Path) -> Path | None:
 
 def step_batches(run: TrainingRun) -> list[dict[str, Any]]:
     """This process's forward passes for optimizer step `run.step` (the same on a resume)."""
+    if run.objective is not None:
+        return run.objective.make_batches(run)
     config = run.config
     per_step = config.gradient_accumulation_steps
     epoch, step_in_epoch = divmod(run.step, run.steps_per_epoch)
@@ -578,6 +607,8 @@ def batch_loss(run: TrainingRun, batch: dict[str, Any]) -> tuple[Any, dict[str, 
     from corral.training.batches import completion_loss_sum
     from corral.training.preference import dpo_loss_sum, reward_loss_sum
 
+    if run.objective is not None:
+        return run.objective.loss_sum(run, batch)
     method = run.config.method
     if method == "dpo":
         return dpo_loss_sum(
@@ -596,6 +627,8 @@ def batch_loss(run: TrainingRun, batch: dict[str, Any]) -> tuple[Any, dict[str, 
 
 def loss_units(run: TrainingRun, batch: dict[str, Any]) -> int:
     """What the loss is a mean over: trained tokens (SFT) or pairs (dpo, reward)."""
+    if run.objective is not None:
+        return run.objective.loss_units(batch)
     if run.pairs:
         return batch["num_pairs"]
     return int((batch["targets"] != -100).sum())
@@ -681,7 +714,8 @@ def train_step(
         grad_norm=grad_norm,
         stop_requested=bool(agreed[2] > 0),
         metrics={
-            name: float(agreed[4 + i]) / max(global_units, 1.0) for i, name in enumerate(names)
+            **{name: float(agreed[4 + i]) / max(global_units, 1.0) for i, name in enumerate(names)},
+            **({} if run.objective is None else run.objective.step_metrics(run)),
         },
     )
 
@@ -720,9 +754,11 @@ def _log_record(
             run.latest_eval = {"step": step, **evaluation}
             if run.accelerator.is_main_process:
                 accuracy = evaluation.get("rewards/accuracies")
+                reward = evaluation.get("reward")  # grpo: the held-out reward
                 progress.write(
                     f"step {step}: eval_loss {evaluation['loss']:.4f}"
                     + ("" if accuracy is None else f", eval reward accuracy {accuracy:.3f}")
+                    + ("" if reward is None else f", held-out reward {reward:.3f}")
                 )
     return record
 
@@ -757,6 +793,8 @@ def evaluate(run: TrainingRun) -> dict[str, float] | None:
     (per pair for dpo and reward), and for pairs the reward metrics, means per pair."""
     import torch
 
+    if run.objective is not None:
+        return run.objective.evaluate(run)
     if not run.val_examples:
         return None
     config, device, model = run.config, run.device, run.model
@@ -843,6 +881,8 @@ def write_summary(run: TrainingRun, speed: Throughput, *, seconds: float) -> Non
         "precision": precision_name(run.accelerator),
         "seconds": round(seconds, 2),
     }
+    if run.objective is not None:
+        summary.update(run.objective.summary_fields(run))
     if run.pairs:
         # Pairs, not examples, for dpo and reward; the final metrics of this session.
         summary["method"] = run.config.method
