@@ -110,3 +110,33 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, override, me
     assert last.startswith("train.py: error:") and message in last, last
     assert not (run_dir / "adapter_model.safetensors").exists()
     assert not (run_dir / "run_info.json").exists()
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    """Exact resume: stopped after step 1, in the middle of a rollout that serves two steps
+    (num_iterations=2), then resumed to step 3; the adapter equals a run that never stopped.
+    The same prompts, the same sampled completions, the same reused rollout."""
+    import torch
+    from safetensors.torch import load_file
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    # A random model never writes the right number; the user's reward (the completion's length in
+    # characters) varies within groups, so advantages and updates are not zero.
+    reward = tmp_path / "longer.py"
+    reward.write_text(
+        "def longer(prompts, completions, **fields):\n    return [len(c) for c in completions]\n"
+    )
+    common = ("num_iterations=2", "eval_steps=0", "val_size=0", f"reward_funcs=[{reward}:longer]")
+    result = launch(*tiny_args(straight, "max_steps=3", *common))
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = launch(*tiny_args(resumed, "max_steps=1", *common))
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = launch(*tiny_args(resumed, "max_steps=3", "resume=auto", *common))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout + result.stderr
+    expected = load_file(str(straight / "adapter_model.safetensors"))
+    found = load_file(str(resumed / "adapter_model.safetensors"))
+    assert expected.keys() == found.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, found[name]), name
+    assert any(t.abs().sum() > 0 for n, t in found.items() if "lora_B" in n)
