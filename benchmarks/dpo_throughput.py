@@ -146,6 +146,7 @@ def run_corral(workdir: Path, steps: int) -> dict:
     from corral.training.loop import train
 
     from corral.config import load_config
+    from corral.rundir import read_metrics, read_summary
 
     run_dir = workdir / "corral_run"
     config = load_config(
@@ -183,8 +184,8 @@ def run_corral(workdir: Path, steps: int) -> dict:
     )
     train(config)
     peak = peak_rss_gb()
-    summary = json.loads((run_dir / "train_summary.json").read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = read_summary(run_dir)
+    rows = read_metrics(run_dir)
     return {
         "tokens_per_s": summary["session_tokens_per_s"],
         "tokens": summary["session_tokens"],

@@ -161,6 +161,7 @@ def run_corral(
     from corral.training.loop import train
 
     from corral.config import load_config
+    from corral.rundir import read_summary
 
     run_dir = workdir / "corral_run"
     config = load_config(
@@ -196,7 +197,7 @@ def run_corral(
     )
     train(config)
     peak = peak_rss_gb()
-    summary = json.loads((run_dir / "train_summary.json").read_text())
+    summary = read_summary(run_dir)
     return {
         "precision": precision,
         "tokens_per_s": summary["session_tokens_per_s"],

@@ -170,6 +170,12 @@ def check_output_path(
     return path
 
 
+def lock_path(output: str | os.PathLike) -> Path:
+    """The lock file `exclusive_output` holds for `output`: `OUTPUT.lock` beside it."""
+    target = Path(output)
+    return target.with_name(target.name + ".lock")
+
+
 @contextlib.contextmanager
 def exclusive_output(output: str | os.PathLike, *, what: str = "output") -> Iterator[Path]:
     """Hold an exclusive lock on `output` (a file or folder) for as long as this block runs.
@@ -179,9 +185,9 @@ def exclusive_output(output: str | os.PathLike, *, what: str = "output") -> Iter
     lock file is removed on release.
     """
     target = Path(output)
-    lock_path = target.with_name(target.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    handle = _lock(lock_path, target, what)
+    lock_file = lock_path(target)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    handle = _lock(lock_file, target, what)
     try:
         handle.seek(0)
         handle.truncate()
@@ -192,7 +198,7 @@ def exclusive_output(output: str | os.PathLike, *, what: str = "output") -> Iter
         # Unlink while still holding the lock: a waiter that opened the old file sees it gone
         # and retries on a new one (see _lock), so two writers never hold different files.
         with contextlib.suppress(OSError):
-            lock_path.unlink()
+            lock_file.unlink()
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
         handle.close()
 

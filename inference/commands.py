@@ -230,6 +230,9 @@ def run_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
+    note = loaded.run_info.beyond_training_note(loaded.context_length) if loaded.run_info else None
+    if note:
+        print(f"warning: {name}: {note}", file=sys.stderr, flush=True)
     uvicorn.run(
         app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5
     )

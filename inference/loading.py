@@ -15,7 +15,7 @@ from typing import Any
 from corral.inference.extraction import ResponseMarkers
 
 from corral.errors import UsageError
-from corral.rundir import RunInfo, has_run_info, read_run_info
+from corral.rundir import RunDir, RunInfo, has_run_info, read_run_info
 from corral.templates import (
     PromptTemplate,
     get_template,
@@ -129,7 +129,7 @@ def load_for_inference(
             template_name = info.template
         if info is not None and info.kind == "adapter":
             base = info.base_model_location()
-            has_tokenizer = (folder / "tokenizer_config.json").is_file()
+            has_tokenizer = RunDir(folder).tokenizer_config_file.is_file()
             tokenizer = load_tokenizer(str(folder) if has_tokenizer else base, padding_side="left")
             base_model = load_model(
                 base,

@@ -25,9 +25,9 @@ arithmetic assumes.
 
 How things are measured:
 - peak memory: torch.cuda.max_memory_allocated in every training process. The launched script is
-  this file in worker mode: it runs train.py unchanged (runpy) and only observes
-  training.loop.setup and training.loop.train_step, so the peak after loading (weights) and the
-  peak while training are told apart. nvidia-smi's memory.used is sampled every 0.5 s beside it
+  this file in worker mode: it runs train.py's entry point with a training callback that only
+  observes (training/callbacks.py: after setup, around each step), so the peak after loading
+  (weights) and the peak while training are told apart. nvidia-smi's memory.used is sampled every 0.5 s beside it
   (that includes the CUDA context, the allocator's cache and any other process on the card);
 - tokens/s: non-padding tokens of the optimizer steps over their time (CUDA-synchronised around
   each step), the first 2 steps of each launch left out as warm-up;
@@ -400,16 +400,15 @@ def measure_matmul(index: int, n: int = 8192, iterations: int = 30) -> float:
 
 
 def train_worker(record_dir: Path, train_argv: list[str]) -> None:
-    """Run train.py unchanged in this (accelerate-launched) process and record what it did.
+    """Run train.py's entry point in this (accelerate-launched) process and record what it did.
 
-    training.loop.setup and train_step are wrapped to observe, never to change: the run's
-    optimizer, quantization and sharding after setup; per step its tokens, loss, time and the
-    CUDA allocator's peak. The record is written even when the run fails.
+    A callback observes, never changes: the run's optimizer, quantization and sharding after
+    setup; per step its tokens, loss, time and the CUDA allocator's peak. The record is written
+    even when the run fails.
     """
-    import runpy
-
-    import corral.training.loop as loop
     import torch
+    from corral.training.callbacks import TrainingCallback
+    from corral.training.commands import main as train_main
 
     rank = int(os.environ.get("RANK") or 0)
     cuda = torch.cuda.is_available()
@@ -418,58 +417,55 @@ def train_worker(record_dir: Path, train_argv: list[str]) -> None:
     started = time.monotonic()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    original_setup, original_step = loop.setup, loop.train_step
 
-    def setup(config: Any, accelerator: Any) -> Any:
-        run = original_setup(config, accelerator)
-        record["setup"] = describe_run(run)
-        record["setup"]["seconds"] = round(time.monotonic() - started, 2)
-        if cuda:
-            torch.cuda.synchronize(device)
-            record["memory"]["after_setup_allocated_gb"] = torch.cuda.memory_allocated(device) / GB
-            record["memory"]["load_peak_allocated_gb"] = (
-                torch.cuda.max_memory_allocated(device) / GB
+    class Recorder(TrainingCallback):
+        def on_setup(self, run: Any) -> None:
+            record["setup"] = describe_run(run)
+            record["setup"]["seconds"] = round(time.monotonic() - started, 2)
+            if cuda:
+                torch.cuda.synchronize(device)
+                record["memory"]["after_setup_allocated_gb"] = (
+                    torch.cuda.memory_allocated(device) / GB
+                )
+                record["memory"]["load_peak_allocated_gb"] = (
+                    torch.cuda.max_memory_allocated(device) / GB
+                )
+                torch.cuda.reset_peak_memory_stats(device)
+
+        def on_step_begin(self, run: Any, batches: list) -> None:
+            if cuda:
+                torch.cuda.synchronize(device)
+            self.began = time.perf_counter()
+
+        def on_step_end(self, run: Any, result: Any, batches: list) -> None:
+            if cuda:
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - self.began
+            sum_sq = local_tokens = 0
+            for batch in batches:
+                ids = batch.get("example_ids")  # SFT batches; absent, attention goes uncounted
+                if ids is None:
+                    continue
+                counts = torch.unique(ids[ids >= 0], return_counts=True)[1].long()
+                sum_sq += int((counts * counts).sum())
+                local_tokens += int(counts.sum())
+            record["steps"].append(
+                {
+                    "step": run.step,
+                    "loss": result.loss,
+                    "tokens": result.tokens,
+                    "local_tokens": local_tokens,
+                    "local_sum_sq_lengths": sum_sq,
+                    "seconds": seconds,
+                    "peak_allocated_gb": torch.cuda.max_memory_allocated(device) / GB
+                    if cuda
+                    else None,
+                }
             )
-            torch.cuda.reset_peak_memory_stats(device)
-        return run
 
-    def train_step(run: Any, batches: list, *, stop_requested: bool) -> Any:
-        sum_sq = local_tokens = 0
-        for batch in batches:
-            ids = batch.get("example_ids")  # SFT batches; absent, attention goes uncounted
-            if ids is None:
-                continue
-            counts = torch.unique(ids[ids >= 0], return_counts=True)[1].long()
-            sum_sq += int((counts * counts).sum())
-            local_tokens += int(counts.sum())
-        if cuda:
-            torch.cuda.synchronize(device)
-        began = time.perf_counter()
-        result = original_step(run, batches, stop_requested=stop_requested)
-        if cuda:
-            torch.cuda.synchronize(device)
-        record["steps"].append(
-            {
-                "step": run.step,
-                "loss": result.loss,
-                "tokens": result.tokens,
-                "local_tokens": local_tokens,
-                "local_sum_sq_lengths": sum_sq,
-                "seconds": time.perf_counter() - began,
-                "peak_allocated_gb": torch.cuda.max_memory_allocated(device) / GB if cuda else None,
-            }
-        )
-        return result
-
-    loop.setup, loop.train_step = setup, train_step
-    sys.argv = [str(REPO / "train.py"), *train_argv[1:]]
     code: Any = 1
     try:
-        runpy.run_path(str(REPO / "train.py"), run_name="__main__")
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        raise
+        code = train_main(train_argv[1:], callbacks=[Recorder()])
     finally:
         record["exit_code"] = code
         record["seconds"] = round(time.monotonic() - started, 2)
@@ -484,6 +480,8 @@ def train_worker(record_dir: Path, train_argv: list[str]) -> None:
         tmp = record_dir / f".rank{rank}.json.tmp"
         tmp.write_text(json.dumps(record, indent=1))
         tmp.replace(record_dir / f"rank{rank}.json")
+    if code:
+        raise SystemExit(code)
 
 
 def describe_run(run: Any) -> dict[str, Any]:
@@ -618,6 +616,8 @@ def launch_argv(
 
 
 def build_plan(args: argparse.Namespace, model: str, workdir: Path, gpus: int) -> list[Step]:
+    from corral.rundir import RunDir
+
     data = workdir / "data" / "gpu_check_alpaca.json"
     small = args.time_limit <= 900
     train_timeout = 300 if small else 1200
@@ -689,7 +689,7 @@ def build_plan(args: argparse.Namespace, model: str, workdir: Path, gpus: int) -
             "continues exactly",
             fsdp_commands,
             runs_when=f"2 or more GPUs; {BF16_GPU}",
-            between=f"delete {display(out / 'checkpoints' / f'checkpoint-{FSDP_STEPS}')} (a crash "
+            between=f"delete {display(RunDir(out).checkpoint(FSDP_STEPS))} (a crash "
             f"after checkpoint-{FSDP_CHECKPOINT_AT} was written), then resume; the resumed "
             f"losses of steps {FSDP_CHECKPOINT_AT + 1}-{FSDP_STEPS} must match the first "
             f"launch's within {RESUME_LOSS_TOLERANCE}",
@@ -791,7 +791,7 @@ def expectations_for(
     world = max(gpus, 2) if step.name == "fsdp" else 1
     memory = memory_arithmetic(
         arch,
-        method=config.method,
+        method=config.weights,
         micro_batch_size=config.micro_batch_size,
         max_length=config.max_length,
         gradient_checkpointing=config.gradient_checkpointing,
@@ -801,7 +801,7 @@ def expectations_for(
     )
     flops = flops_per_token(
         arch,
-        method=config.method,
+        method=config.weights,
         adapter_params=memory["lora_parameters"],
         context=config.max_length,
     )
@@ -1162,6 +1162,8 @@ def sharded_files(checkpoint: Path) -> dict[str, int]:
 def run_fsdp(
     runner: Runner, step: Step, arch: Architecture, devices: list, gpus: int, expectation: dict
 ) -> dict[str, Any]:
+    from corral.rundir import RunDir
+
     first, resumed = step.commands
     result: dict[str, Any] = {"problems": []}
     outcome, records, smi = run_training(runner, first, "fsdp")
@@ -1174,7 +1176,7 @@ def run_fsdp(
     result.update(measured_training(records, arch, "full", devices, expectation, smi))
     config = train_config_of(first)
     run_dir = REPO / config.output_dir
-    at = run_dir / "checkpoints" / f"checkpoint-{FSDP_CHECKPOINT_AT}"
+    at = RunDir(run_dir).checkpoint(FSDP_CHECKPOINT_AT)
     files = sharded_files(at)
     result["sharded_checkpoint"] = {"checkpoint": display(at), "distcp_files": files}
     if any(count < gpus for count in files.values()):
@@ -1182,7 +1184,7 @@ def run_fsdp(
     losses = {s["step"]: s["loss"] for s in records[0]["steps"]}
 
     # A crash after checkpoint-3 was written: the newest checkpoint disappears.
-    shutil.rmtree(run_dir / "checkpoints" / f"checkpoint-{FSDP_STEPS}", ignore_errors=True)
+    shutil.rmtree(RunDir(run_dir).checkpoint(FSDP_STEPS), ignore_errors=True)
     outcome, again, _ = run_training(runner, resumed, "fsdp_resume")
     result["resumed_launch"] = {"exit_status": outcome.returncode, "seconds": outcome.seconds}
     expected = FSDP_STEPS - FSDP_CHECKPOINT_AT
@@ -1563,7 +1565,7 @@ def run_step(runner: Runner, step: Step, arch: Architecture, devices: list, gpus
             result["setup"] = records[0]["setup"]
         if records and records[0]["steps"]:
             result.update(
-                measured_training(records, arch, config.method, devices, step.expectations, smi)
+                measured_training(records, arch, config.weights, devices, step.expectations, smi)
             )
         result["problems"] = problems
         if problems:

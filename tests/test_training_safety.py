@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 from corral.training.config import TrainConfig
-from corral.training.loop import prepare_run_dir
 from servers import wait_until
 
 from corral.config import load_config
 from corral.errors import ConfigError
+from corral.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "training" / "smoke.yaml"
@@ -24,6 +24,11 @@ SMOKE_DATA = REPO / "configs" / "training" / "smoke_alpaca.json"
 
 def config(run_dir: Path, *overrides: str) -> TrainConfig:
     return load_config(TrainConfig, SMOKE, [f"output_dir={run_dir}", *overrides])
+
+
+def prepare_run_dir(config: TrainConfig, run_dir: Path) -> None:
+    """What a launch does to its output_dir before training (under the lock)."""
+    RunDir(run_dir).prepare(resume=bool(config.resume), overwrite=config.overwrite_output_dir)
 
 
 def train_py(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -1,56 +1,39 @@
-"""Checkpoints for exact resume: model (adapter only for LoRA), optimizer, scheduler, RNG, position.
+"""Checkpoints for exact resume: model (adapter only for LoRA), optimizer, scheduler, RNG, position,
+and the objective's own state.
 
 `accelerator.save_state` writes optimizer, scheduler and every process's RNG states (and handles
 FSDP / DeepSpeed sharding). For LoRA/QLoRA, a hook replaces its full-model weights file (the frozen
-base, gigabytes at 7B) with the trainable tensors only. A checkpoint is written into a temporary
-folder and renamed when complete, so a kill at any moment leaves either the whole checkpoint or none.
+base, gigabytes at 7B) with the trainable tensors only. An objective with state (a rollout buffer, a
+sampling RNG: training/objectives.py) adds one file per process. A checkpoint is written into a
+temporary folder and renamed when complete, so a kill at any moment leaves either the whole
+checkpoint or none. Where each file lies: corral/rundir.py (`RunDir`).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-CHECKPOINTS_DIR = "checkpoints"
-TRAINER_STATE = "trainer_state.json"
+from corral.rundir import RunDir
+
 TRAINABLE_WEIGHTS = "trainable_weights.safetensors"
-_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
-def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS_DIR
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders of interrupted saves are ignored)."""
-    root = checkpoint_root(run_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = _NAME.match(child.name)
-        if match and (child / TRAINER_STATE).is_file():
-            found.append((int(match.group(1)), child))
-    return [path for _, path in sorted(found)]
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    checkpoints = list_checkpoints(run_dir)
-    return checkpoints[-1] if checkpoints else None
+def objective_state_file(checkpoint: str | Path, process_index: int) -> Path:
+    return Path(checkpoint) / f"objective_state_{process_index}.pt"
 
 
 def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
-    return json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+    return json.loads(RunDir.trainer_state_file(checkpoint).read_text())
 
 
-def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+def prune_checkpoints(run_dir: RunDir, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (keep <= 0: delete none)."""
     if keep <= 0:
         return
-    for old in list_checkpoints(run_dir)[:-keep]:
+    for old in run_dir.checkpoints()[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -108,23 +91,39 @@ def register_adapter_only_hooks(accelerator: Any) -> None:
 
 
 def save_checkpoint(
-    accelerator: Any, run_dir: str | Path, state: dict[str, Any], keep: int
+    accelerator: Any,
+    run_dir: RunDir,
+    state: dict[str, Any],
+    keep: int,
+    objective_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoints/checkpoint-STEP atomically on every process; returns its path."""
-    root = checkpoint_root(run_dir)
-    final = root / f"checkpoint-{state['step']}"
-    tmp = root / f".tmp-checkpoint-{state['step']}"
+    import torch
+
+    final = run_dir.checkpoint(state["step"])
+    tmp = run_dir.partial_checkpoint(state["step"])
     if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
+        run_dir.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if objective_state:
+        torch.save(objective_state, objective_state_file(tmp, accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+        run_dir.trainer_state_file(tmp).write_text(json.dumps(state, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
         prune_checkpoints(run_dir, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_objective_state(checkpoint: Path, process_index: int) -> dict[str, Any] | None:
+    """This process's objective state in `checkpoint`, or None when the objective saved none."""
+    import torch
+
+    path = objective_state_file(checkpoint, process_index)
+    # Written by this code for this run's own resume: a pickle with RNG states, not weights.
+    return torch.load(path, weights_only=False) if path.is_file() else None

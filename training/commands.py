@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 from corral.errors import CorralError, UsageError
 
@@ -44,13 +46,16 @@ def load_train_config(config_path: str | None, overrides: list[str]):
     return load_config(TrainConfig, config_path, overrides)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """Train from parsed arguments; exit status 0, or 143 after a SIGTERM checkpoint."""
+def run_train(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> int:
+    """Train from parsed arguments; exit status 0, or 143 after a SIGTERM checkpoint.
+
+    `callbacks` (training/callbacks.py) watch the run: scripts/gpu_check.py measures with them.
+    """
     from corral.training.loop import NonFiniteLossError, TrainingStopped, train
 
     config = load_train_config(args.config, args.overrides)
     try:
-        train(config)
+        train(config, callbacks)
     except TrainingStopped as stopped:
         print(f"corral: {stopped}", file=sys.stderr)
         return 143
@@ -125,7 +130,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.set_defaults(func=run_export)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks: Sequence[Any] = ()) -> int:
     """Entry of the root train.py: same arguments and errors as `corral train`."""
     parser = argparse.ArgumentParser(
         prog="train.py",
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     add_train_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        return run_train(args)
+        return run_train(args, callbacks)
     except CorralError as exc:
         # Every process of a launch meets the same error; one of them says it.
         if int(os.environ.get("RANK") or 0) == 0:

@@ -2,12 +2,15 @@
 
 Presets in configs/training/*.yaml set any of these fields; `key=value` overrides win.
 
-Methods: supervised fine-tuning on Alpaca records (`lora`, `qlora`, `full`), and two methods on
-preference pairs `{prompt, chosen, rejected}` (training/preference.py): `dpo` (Direct Preference
-Optimization of a LoRA adapter) and `reward` (a reward model: LoRA + a scalar head); and online
-RL on prompts `{prompt, ...}`: `grpo` (training/grpo.py; a LoRA adapter trained on completions it
-samples itself, scored by reward functions or a reward model, training/rewards.py), the third step
-of DeepSpeed-Chat as the field runs it now. Its keys are named as TRL's GRPOConfig names them.
+A run has an objective and weights. The objective (`method`, training/objectives.py) is what the
+loss is: supervised fine-tuning on Alpaca records (`sft`), or on preference pairs `{prompt, chosen,
+rejected}` (training/preference.py) Direct Preference Optimization (`dpo`) or a reward model
+(`reward`: LoRA + a scalar head). The weights (`weights`) are what trains: a LoRA adapter (`lora`),
+LoRA on a 4-bit base (`qlora`) or every weight (`full`). `method=lora|qlora|full`, the names of
+earlier versions, still mean `sft` with those weights. Online RL on prompts `{prompt, ...}`:
+`grpo` (training/grpo_objective.py: a LoRA adapter trained on completions it samples itself,
+scored by reward functions or a reward model), the third step of DeepSpeed-Chat as the field runs
+it now (PPO's critic-free successor); its keys are named as TRL's GRPOConfig names them.
 """
 
 from __future__ import annotations
@@ -16,12 +19,29 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from corral.errors import ConfigError
+from corral.rundir import WEIGHTS
 
-PREFERENCE_METHODS = ("dpo", "reward")  # trained on {prompt, chosen, rejected} pairs
-RL_METHODS = ("grpo",)  # trained on completions sampled from the policy, on {prompt, ...} records
-ADAPTER_METHODS = ("lora", "qlora", *PREFERENCE_METHODS, *RL_METHODS)  # LoRA on a frozen base
+# The weights each objective can train; the one list of objective and weight names (the config's
+# choices, the registry in training/objectives.py and run_info.json's fields follow it).
+OBJECTIVE_WEIGHTS = {
+    "sft": WEIGHTS,
+    # The reference policy is the base with the adapter disabled (or a frozen adapter copy): full
+    # weights would need a second whole model in memory, which is not offered.
+    "dpo": ("lora", "qlora"),
+    # The reward model's folder is a peft SEQ_CLS adapter; a 4-bit or full sequence classifier
+    # would be a kind of folder nothing loads yet.
+    "reward": ("lora",),
+    # Online RL: the reference (beta > 0) is the base with the adapter disabled, as for dpo.
+    "grpo": ("lora", "qlora"),
+}
+OBJECTIVES = tuple(OBJECTIVE_WEIGHTS)
+PREFERENCE_OBJECTIVES = ("dpo", "reward")  # trained on {prompt, chosen, rejected} pairs
+RL_OBJECTIVES = ("grpo",)  # trained on completions sampled from the policy, on {prompt, ...}
+REFERENCE_OBJECTIVES = ("dpo", *RL_OBJECTIVES)  # a reference policy: init_adapter applies
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+# `method` takes an objective, or (as in earlier versions) a weights name meaning sft.
+METHOD_CHOICES = (*OBJECTIVES, *WEIGHTS)
 
 
 @dataclass
@@ -33,9 +53,8 @@ class TrainConfig:
         default="",
         metadata={
             "help": "Alpaca JSON/JSONL file, a `datasets` folder, or a `datasets` hub id; for "
-            "method dpo or reward, a JSON/JSONL file of {prompt, chosen, rejected} pairs; for "
-            "grpo, a JSON/JSONL file of prompt records {prompt, ...} whose other fields reach the "
-            "reward functions (in a preset, a relative path is found beside the preset first)",
+            "method dpo or reward, a JSON/JSONL file of {prompt, chosen, rejected} pairs (in a "
+            "preset, a relative path is found beside the preset first)",
             "input_path": True,
         },
     )
@@ -78,14 +97,22 @@ class TrainConfig:
         default="embedded",
         metadata={"help": "base model: embedded, tiny-random, a local folder or a hub id"},
     )
-    method: Literal["lora", "qlora", "full", "dpo", "reward", "grpo"] = field(
+    method: Literal[METHOD_CHOICES] = field(
         default="lora",
         metadata={
-            "help": "lora, qlora (4-bit NF4 base + LoRA) or full (all weights) on Alpaca data; on "
-            "preference pairs: dpo (a LoRA adapter trained by Direct Preference Optimization) or "
-            "reward (a reward model: LoRA on the base + a scalar head on the last token, "
-            "pairwise loss); on prompts: grpo (online RL of a LoRA adapter on completions it "
-            "samples, scored by reward_funcs and/or reward_model)"
+            "help": "the objective: sft on Alpaca data; on preference pairs dpo (Direct Preference "
+            "Optimization) or reward (a reward model: a scalar head on the last token, pairwise "
+            "loss); on prompts grpo (online RL on completions the policy samples, scored by "
+            "reward_funcs and/or reward_model). lora, qlora, full (earlier names) mean sft with "
+            "those weights"
+        },
+    )
+    weights: Literal[("", *WEIGHTS)] = field(
+        default="",
+        metadata={
+            "help": "what trains: lora (an adapter), qlora (4-bit NF4 base + LoRA) or full (all "
+            "weights); empty: lora, or the weights a method lora|qlora|full names. dpo and grpo "
+            "take lora or qlora, reward lora"
         },
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
@@ -273,29 +300,47 @@ class TrainConfig:
         unknown = set(self.report_to) - {"tensorboard", "wandb", "none"}
         if unknown:
             raise ConfigError(f"key 'report_to': unknown tracker(s) {sorted(unknown)}")
-        if self.method == "full" and self.use_dora:
-            raise ConfigError("key 'use_dora': DoRA needs method lora or qlora")
+        self._resolve_weights()
+        if self.weights == "full" and self.use_dora:
+            raise ConfigError("key 'use_dora': DoRA needs weights lora or qlora")
         self._resolve_method_defaults()
-        if self.init_adapter and self.method not in ("dpo", *RL_METHODS):
+        if self.init_adapter and self.objective not in REFERENCE_OBJECTIVES:
             raise ConfigError(
                 "key 'init_adapter': starts a dpo or grpo run from an SFT adapter; set method=dpo "
                 "or method=grpo"
             )
-        if self.method in PREFERENCE_METHODS and self.train_on_inputs:
+        if self.objective in PREFERENCE_OBJECTIVES and self.train_on_inputs:
             raise ConfigError(
                 f"key 'train_on_inputs': method {self.method} compares answers to the same prompt; "
                 "the prompt is never trained (set it to false)"
             )
-        if self.method == "reward" and self.packing:
+        if self.objective == "reward" and self.packing:
             raise ConfigError(
                 "key 'packing': a reward model reads each sequence's last token, one sequence per "
                 "row; set packing=false"
             )
 
+    def _resolve_weights(self) -> None:
+        """Fill `weights` from `method` (lora|qlora|full name the weights of sft) and check it."""
+        if self.method in WEIGHTS:
+            if self.weights and self.weights != self.method:
+                raise ConfigError(
+                    f"key 'weights': method {self.method} already means sft with {self.method} "
+                    f"weights; for {self.weights} weights set method=sft weights={self.weights}"
+                )
+            self.weights = self.method
+        self.weights = self.weights or "lora"
+        allowed = OBJECTIVE_WEIGHTS[self.objective]
+        if self.weights not in allowed:
+            raise ConfigError(
+                f"key 'weights': method {self.objective} trains {' or '.join(allowed)} weights, "
+                f"not {self.weights}"
+            )
+
     def _resolve_method_defaults(self) -> None:
         """beta and loss_type mean different things to dpo and grpo: fill in the method's default
         and refuse a value of the other method."""
-        rl = self.method in RL_METHODS
+        rl = self.objective in RL_OBJECTIVES
         if self.beta is None:
             self.beta = 0.0 if rl else 0.1
         if self.loss_type is None:
@@ -343,3 +388,14 @@ class TrainConfig:
             )
         if self.packing:
             raise ConfigError("key 'packing': method grpo trains padded completions; set false")
+
+    @property
+    def objective(self) -> str:
+        """What the loss is: sft, dpo, reward or grpo (training/objectives.py)."""
+        return "sft" if self.method in WEIGHTS else self.method
+
+    @property
+    def recorded_method(self) -> str:
+        """run_info.json's `method` as earlier versions wrote it: the weights for sft, else the
+        objective (so readers of those versions still load the run)."""
+        return self.weights if self.objective == "sft" else self.objective

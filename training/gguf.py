@@ -38,7 +38,7 @@ from corral.fileio import (
     exclusive_output,
     temporary_folder_beside,
 )
-from corral.rundir import MODEL_CONFIG_FILE, RunInfo, read_run_info
+from corral.rundir import MODEL_CONFIG_FILE, RunDir, RunInfo, read_run_info
 from corral.templates import PromptTemplate, adds_bos, get_template, stop_token_ids
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -129,7 +129,7 @@ def _check_convertible_base(run: Path, info: RunInfo) -> None:
     """An adapter run's base and tokenizer must be convertible: refuse before merging, not after."""
     location = Path(info.base_model_location())
     if (location / MODEL_CONFIG_FILE).is_file():
-        has_tokenizer = (run / "tokenizer_config.json").is_file()
+        has_tokenizer = RunDir(run).tokenizer_config_file.is_file()
         _check_convertible(location, run if has_tokenizer else location)
 
 

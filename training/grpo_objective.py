@@ -42,6 +42,7 @@ from corral.training.grpo import (
     token_metric_sums,
     truncation_mask,
 )
+from corral.training.objective_base import Objective
 from corral.training.rewards import (
     BUILTIN_FIELDS,
     build_rewards,
@@ -94,17 +95,15 @@ def prompts_for_rollout(
     return found
 
 
-class GRPOObjective:
+class GRPOObjective(Objective):
     """GRPO's part of a run (see the module docstring)."""
 
     name = "grpo"
-    unit = "completions"
-    metric_names: tuple[str, ...] = ()
-    sequence_classifier = False
+    unit = "prompts"
     uses_reference = True
 
     def __init__(self, config: Any) -> None:
-        self.config = config
+        super().__init__(config)
         self.rewards: list | None = None
         self.rollout: Rollout | None = None
         self.rollout_number: int | None = None

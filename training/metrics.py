@@ -7,23 +7,23 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from corral.training.config import TrainConfig
 
 from corral.fileio import atomic_write_text
-from corral.rundir import METRICS_FILE
+from corral.rundir import RunDir
 
 
 class MetricsLogger:
     """metrics.jsonl always (main process); TensorBoard and W&B when configured."""
 
     def __init__(
-        self, run_dir: Path, config: TrainConfig, *, enabled: bool, resume_step: int | None
+        self, run_dir: RunDir, config: TrainConfig, *, enabled: bool, resume_step: int | None
     ) -> None:
         self.enabled = enabled
-        self.path = run_dir / METRICS_FILE
+        self.path = run_dir.metrics_file
         self.tensorboard = None
         self.wandb = None
         if not enabled:
@@ -42,7 +42,7 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(
-                log_dir=str(run_dir / "tensorboard"), purge_step=(resume_step or 0) + 1
+                log_dir=str(run_dir.tensorboard_dir), purge_step=(resume_step or 0) + 1
             )
         if "wandb" in config.report_to:
             try:
@@ -55,7 +55,7 @@ class MetricsLogger:
             else:
                 self.wandb = wandb.init(
                     project=config.wandb_project,
-                    name=run_dir.name,
+                    name=run_dir.root.name,
                     config=json.loads(json.dumps(vars(config))),
                     resume="allow",
                 )
@@ -81,3 +81,25 @@ class MetricsLogger:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+@dataclass
+class Throughput:
+    """Tokens per second of optimizer steps alone (no evaluation, no checkpoint writes)."""
+
+    window_tokens: int = 0
+    window_seconds: float = 0.0
+    session_tokens: int = 0
+    session_seconds: float = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.window_tokens += tokens
+        self.window_seconds += seconds
+        self.session_tokens += tokens
+        self.session_seconds += seconds
+
+    def take_window(self) -> float:
+        """Tokens/s since the last call (one logging interval)."""
+        rate = self.window_tokens / self.window_seconds if self.window_seconds > 0 else 0.0
+        self.window_tokens, self.window_seconds = 0, 0.0
+        return rate

@@ -1,16 +1,16 @@
 """The model to train: a base from corral.models plus LoRA (peft), 4-bit QLoRA, or all weights.
 
-Preference methods (training/preference.py) use the same pieces: `dpo` trains a LoRA adapter on the
-causal LM (from a fresh adapter, or from an SFT run's adapter loaded twice: once to train and once,
-frozen, as the reference policy under the name `reference`); `reward` trains LoRA on the backbone of
-a sequence-classification model whose head (`score`, hidden size -> 1) is trained in full.
+`config.weights` says what trains; the objective (training/objectives.py) says which head: a causal
+LM, or for the reward model a sequence classifier whose head (`score`, hidden size -> 1) is trained
+in full beside LoRA on the backbone. With `init_adapter` (dpo), an SFT run's adapter is loaded
+twice: once to train and once, frozen, as the reference policy under the name `reference`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from corral.training.config import ADAPTER_METHODS, TrainConfig
+from corral.training.config import TrainConfig
 
 from corral.errors import ConfigError
 from corral.models import load_model
@@ -50,7 +50,7 @@ def check_target_modules(config: TrainConfig) -> None:
     the run in a second with the names that exist, not after loading gigabytes inside peft.
     """
     if (
-        config.method == "full"
+        config.weights == "full"
         or config.init_adapter
         or lora_target_modules(config) == "all-linear"
     ):
@@ -140,12 +140,19 @@ def attach_initial_adapter(model: Any, folder: str) -> Any:
     return model
 
 
-def build_model(config: TrainConfig, tokenizer: Any, *, local_process_index: int) -> Any:
-    """Load the base and make the trainable model for `config.method`."""
+def build_model(
+    config: TrainConfig,
+    tokenizer: Any,
+    *,
+    local_process_index: int,
+    sequence_classifier: bool = False,
+) -> Any:
+    """Load the base and make `config.weights` trainable; a causal LM, or a sequence classifier
+    with one output (the reward model's scalar head)."""
     import torch
 
     dtype = compute_dtype(config)
-    if config.method == "qlora":
+    if config.weights == "qlora":
         from peft import prepare_model_for_kbit_training
 
         # device_map "auto" would shard one model over every GPU (model parallelism) and leave the
@@ -166,8 +173,8 @@ def build_model(config: TrainConfig, tokenizer: Any, *, local_process_index: int
         )
     else:
         # Full fine-tuning keeps fp32 master weights; mixed precision computes in bf16.
-        load_dtype = torch.float32 if config.method == "full" else dtype
-        if config.method == "reward":
+        load_dtype = torch.float32 if config.weights == "full" else dtype
+        if sequence_classifier:
             model = load_sequence_classifier(config.model, dtype=load_dtype, tokenizer=tokenizer)
         else:
             model = load_model(config.model, dtype=load_dtype, tokenizer=tokenizer)
@@ -177,7 +184,7 @@ def build_model(config: TrainConfig, tokenizer: Any, *, local_process_index: int
             )
     model.config.use_cache = False
 
-    if config.method in ADAPTER_METHODS:
+    if config.weights != "full":
         from peft import LoraConfig, get_peft_model
 
         if config.init_adapter:
@@ -191,10 +198,10 @@ def build_model(config: TrainConfig, tokenizer: Any, *, local_process_index: int
                 use_dora=config.use_dora,
                 bias="none",
                 # SEQ_CLS makes peft train the `score` head in full and save it with the adapter.
-                task_type="SEQ_CLS" if config.method == "reward" else "CAUSAL_LM",
+                task_type="SEQ_CLS" if sequence_classifier else "CAUSAL_LM",
             )
             model = get_peft_model(model, lora)
-        if config.gradient_checkpointing and config.method != "qlora":
+        if config.gradient_checkpointing and config.weights != "qlora":
             # Frozen embeddings give inputs without grad; checkpointed blocks still need one.
             model.enable_input_require_grads()
     return model
@@ -234,7 +241,7 @@ def build_optimizer(config: TrainConfig, model: Any) -> Any:
     if name == "auto":
         name = (
             "paged_adamw_32bit"
-            if config.method == "qlora" and torch.cuda.is_available()
+            if config.weights == "qlora" and torch.cuda.is_available()
             else "adamw"
         )
     kwargs = {"lr": config.learning_rate, "weight_decay": config.weight_decay}

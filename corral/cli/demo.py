@@ -26,6 +26,8 @@ import shutil
 import time
 from pathlib import Path
 
+from corral.rundir import RunDir, read_summary
+
 # Held out: not among the seed tasks, not generated from them on purpose, not in any training file.
 HELD_OUT_INSTRUCTIONS = [
     "Give three tips for staying healthy.",
@@ -141,8 +143,6 @@ def dpo_step(out: Path, sft_run: Path, fresh: bool) -> Path:
 
 
 def win_rate_step(sft_run: Path, dpo_run: Path, max_new_tokens: int) -> dict[str, float]:
-    import json
-
     from corral.data_gen.judges import LocalJudge, combine_orders, judge_prompt
     from corral.inference.generation import answer_instructions
 
@@ -170,7 +170,7 @@ def win_rate_step(sft_run: Path, dpo_run: Path, max_new_tokens: int) -> dict[str
             print(f"  {role:>5}: {text[:160]}{'…' if len(text) > 160 else ''}")
     rates = {"dpo": outcomes.count("tuned") / n, "sft": outcomes.count("base") / n}
     rates["tie"] = outcomes.count("tie") / n
-    summary = json.loads((dpo_run / "train_summary.json").read_text())
+    summary = read_summary(dpo_run)
     accuracy = summary.get("eval_metrics", {}).get("rewards/accuracies")
     print(
         f"\nWin rate of DPO over SFT (embedded judge, both orders): DPO {rates['dpo']:.0%}, SFT "
@@ -221,7 +221,7 @@ def run_demo(args: argparse.Namespace) -> int:
         ("data", data),
         ("manifest", manifest),
         ("run (adapter)", run_dir),
-        ("metrics", run_dir / "metrics.jsonl"),
+        ("metrics", RunDir(run_dir).metrics_file),
         ("report", report),
         *((("run (DPO)", dpo_run),) if dpo_run else ()),
     ):
