@@ -230,3 +230,18 @@ def test_group_advantages_refuse_what_is_not_a_group():
         group_advantages(torch.zeros(4), 1)
     with pytest.raises(ValueError, match="whole groups"):
         group_advantages(torch.zeros(5), 2)
+
+
+def test_processes_roll_out_distinct_prompts_and_an_epoch_covers_every_prompt():
+    from corral.training.grpo_objective import prompts_for_rollout
+
+    def plan(rollout, process):
+        return prompts_for_rollout(
+            12, seed=3, rollout=rollout, per_process=3, world=2, process=process
+        )
+
+    first_epoch = [i for rollout in (0, 1) for process in (0, 1) for i in plan(rollout, process)]
+    assert sorted(first_epoch) == list(range(12))  # 2 rollouts x 2 processes x 3 = one epoch
+    assert plan(0, 0) == plan(0, 0) and set(plan(0, 0)).isdisjoint(plan(0, 1))
+    assert sorted(plan(2, 0) + plan(2, 1) + plan(3, 0) + plan(3, 1)) == list(range(12))
+    assert plan(2, 0) != plan(0, 0)  # the next epoch is another order

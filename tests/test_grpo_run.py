@@ -17,11 +17,16 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 PRESET = REPO / "configs" / "training" / "grpo_smoke.yaml"
 
 
-def launch(*args: str, timeout: float = 600, launcher: bool = True) -> subprocess.CompletedProcess:
-    """`accelerate launch train.py ...`, or `python train.py ...` (whose exit status accelerate's
-    launcher would turn into 1)."""
+def launch(
+    *args: str, timeout: float = 600, launcher: bool = True, processes: int = 1
+) -> subprocess.CompletedProcess:
+    """`accelerate launch train.py ...` (with `processes` > 1: CPU data parallelism over gloo), or
+    `python train.py ...` (whose exit status accelerate's launcher would turn into 1)."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     cmd = [ACCELERATE, "launch"] if launcher else [sys.executable]
+    if processes > 1:
+        env["ACCELERATE_USE_CPU"] = "1"
+        cmd += ["--multi_gpu", "--num_processes", str(processes)]
     cmd += ["train.py", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -140,3 +145,20 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
     for name, tensor in expected.items():
         assert torch.equal(tensor, found[name]), name
     assert any(t.abs().sum() > 0 for n, t in found.items() if "lora_B" in n)
+
+
+def test_two_processes_roll_out_their_own_prompts_and_end_with_equal_weights(tmp_path):
+    """Two CPU processes (DDP over gloo): each rolls out its own prompts, gradients are averaged,
+    and the ranks end with the same adapter (the run checks their fingerprints)."""
+    run_dir = tmp_path / "ddp"
+    reward = tmp_path / "longer.py"
+    reward.write_text(
+        "def longer(prompts, completions, **fields):\n    return [len(c) for c in completions]\n"
+    )
+    result = launch(*tiny_args(run_dir, f"reward_funcs=[{reward}:longer]"), processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    assert len(set(summary["rank_fingerprints"])) == 1 and len(summary["rank_fingerprints"]) == 2
+    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])
+    assert first["step"] == 1 and first["reward_std"] > 0
