@@ -60,6 +60,7 @@ from corral.training.rollouts import (
 from corral.fileio import atomic_write_text
 
 SAMPLE_COMPLETIONS = 4  # kept per evaluation, in eval_samples.jsonl
+MAX_ROLLOUT_BATCH = 64  # completions the engine decodes together
 # Loss-side metrics, means per counted completion token (TRL's names).
 TOKEN_METRIC_NAMES = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl")
 
@@ -210,7 +211,9 @@ class GRPOObjective(Objective):
             top_p=c.top_p,
             seed=c.seed,
             step=number * run.world + accelerator.process_index,
-            max_batch_size=max(c.micro_batch_size, c.num_generations),
+            # The whole rollout decodes as one batch (as a vLLM rollout would), up to a bound on
+            # the KV cache's rows.
+            max_batch_size=min(len(indices) * c.num_generations, MAX_ROLLOUT_BATCH),
         )
         timings["time/rollout"] = rollout.seconds
         started = time.monotonic()
@@ -405,7 +408,7 @@ class GRPOObjective(Objective):
                 num_generations=1,
                 max_completion_length=self.config.max_completion_length,
                 temperature=0.0,
-                max_batch_size=max(self.config.micro_batch_size, 8),
+                max_batch_size=min(len(records), MAX_ROLLOUT_BATCH),
             )
             completions = rollout.completions
             per_function = score_completions(rewards, records, completions)
