@@ -162,3 +162,18 @@ def test_two_processes_roll_out_their_own_prompts_and_end_with_equal_weights(tmp
     assert len(set(summary["rank_fingerprints"])) == 1 and len(summary["rank_fingerprints"]) == 2
     first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])
     assert first["step"] == 1 and first["reward_std"] > 0
+
+
+def test_deepspeed_chats_third_step_grpo_on_a_reward_model_run(tmp_path, tiny_model_path):
+    """reward_model=RUN (a method=reward run directory) scores the rollouts: the run trains on
+    it alone, and its scores are logged as rewards/reward_model/*."""
+    from model_runs import random_reward_run
+
+    reward_run = random_reward_run(tmp_path / "rm", "tiny-random", tiny_model_path, template="chat")
+    run_dir = tmp_path / "grpo-rm"
+    result = launch(*tiny_args(run_dir, "reward_funcs=[]", f"reward_model={reward_run}"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    first = next(row for row in steps if "loss" in row)
+    assert first["rewards/reward_model/std"] > 0 and first["advantage_std"] > 0
+    assert "eval_rewards/reward_model/mean" in steps[-1]

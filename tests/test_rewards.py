@@ -158,25 +158,11 @@ def test_the_builtin_task_is_the_same_for_a_seed_and_has_distinct_questions():
 
 def test_a_reward_model_run_scores_completions(tmp_path, tiny_model_path):
     """A method=reward run directory (built with peft directly on tiny-random) as a reward."""
-    import torch
-    from conftest import write_run_info_for
-    from corral.training.model import load_sequence_classifier
-    from peft import LoraConfig, get_peft_model
+    from model_runs import random_reward_run
 
-    from corral.models import load_tokenizer
-
-    tokenizer = load_tokenizer("tiny-random")
-    backbone = load_sequence_classifier(
-        str(tiny_model_path), dtype=torch.float32, tokenizer=tokenizer
+    run = random_reward_run(
+        tmp_path / "reward-run", "tiny-random", tiny_model_path, template="alpaca"
     )
-    torch.manual_seed(0)
-    config = LoraConfig(
-        r=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS", init_lora_weights=False
-    )
-    run = tmp_path / "reward-run"
-    get_peft_model(backbone, config).save_pretrained(run)
-    tokenizer.save_pretrained(run)
-    write_run_info_for(run, tiny_model_path, "alpaca", method="reward")
     (reward,) = build_rewards([], reward_model=str(run))
     scores = score_completions([reward], RECORDS, ["five", "a thousand and one"])[0]
     assert len(scores) == 2 and all(math.isfinite(s) for s in scores) and scores[0] != scores[1]
