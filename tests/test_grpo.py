@@ -15,6 +15,8 @@ methods, replacing only what would make the batch random:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -245,3 +247,38 @@ def test_processes_roll_out_distinct_prompts_and_an_epoch_covers_every_prompt():
     assert plan(0, 0) == plan(0, 0) and set(plan(0, 0)).isdisjoint(plan(0, 1))
     assert sorted(plan(2, 0) + plan(2, 1) + plan(3, 0) + plan(3, 1)) == list(range(12))
     assert plan(2, 0) != plan(0, 0)  # the next epoch is another order
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["loss_type=sigmoid"], "'sigmoid' is not a loss of method grpo"),
+        (["num_generations=3"], "must hold whole groups of 3"),
+        (["reward_funcs=[]"], "needs a reward"),
+        (["beta=-0.1"], "key 'beta': must be 0 or more"),
+        (["temperature=0"], "key 'temperature'"),
+        (["weights=full"], "trains lora or qlora weights"),
+    ],
+)
+def test_grpo_config_errors_name_the_key(overrides, message):
+    from corral.training.config import TrainConfig
+
+    from corral.config import load_config
+    from corral.errors import ConfigError
+
+    preset = Path(__file__).parents[1] / "configs" / "training" / "grpo_smoke.yaml"
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainConfig, preset, overrides)
+
+
+def test_beta_and_loss_type_default_per_method():
+    from corral.training.config import TrainConfig
+
+    from corral.config import load_config
+
+    grpo = load_config(
+        TrainConfig, None, ["method=grpo", "reward_funcs=[final_number]", "num_generations=4"]
+    )
+    dpo = load_config(TrainConfig, None, ["method=dpo"])
+    assert (grpo.beta, grpo.loss_type) == (0.0, "dapo")
+    assert (dpo.beta, dpo.loss_type) == (0.1, "sigmoid")
