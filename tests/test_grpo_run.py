@@ -15,6 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 PRESET = REPO / "configs" / "training" / "grpo_smoke.yaml"
+pytestmark = pytest.mark.slow  # every test launches train.py
 
 
 def launch(
