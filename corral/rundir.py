@@ -52,8 +52,8 @@ MODEL_CONFIG_FILE = "config.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # present when the run saved its tokenizer
 
 WEIGHTS = ("lora", "qlora", "full")  # what a run trains (training/config.py: `weights`)
-# run_info.json's `method`: the weights of an sft run, or the objective (dpo, reward).
-METHODS = (*WEIGHTS, "dpo", "reward")
+# run_info.json's `method`: the weights of an sft run, or the objective (dpo, reward, grpo).
+METHODS = (*WEIGHTS, "dpo", "reward", "grpo")
 KINDS = ("adapter", "full", "merged", "reward")
 _KIND_OF_METHOD = {"full": "full", "reward": "reward"}  # every other method leaves an adapter
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -66,7 +66,7 @@ class RunInfo:
     """The contents of `run_info.json`."""
 
     base_model: str  # the name the run was given (embedded, a hub id, a folder)
-    method: str  # lora | qlora | full (sft with those weights) | dpo | reward
+    method: str  # lora | qlora | full (sft with those weights) | dpo | reward | grpo
     template: str  # alpaca | dolly | chat
     kind: str  # adapter | full | merged | reward: what the folder holds
     base_model_path: str = ""  # where the base was found when training ran
@@ -75,7 +75,7 @@ class RunInfo:
     # reads longer contexts and a long prompt with a short answer is often fine, but quality past
     # it is untested by the fine-tune. Bounding requests by it would refuse what the base can do.
     max_length: int | None = None
-    objective: str | None = None  # sft | dpo | reward (absent in runs of earlier versions)
+    objective: str | None = None  # sft | dpo | reward | grpo (absent in runs of earlier versions)
     weights: str | None = None  # lora | qlora | full (absent in runs of earlier versions)
     response_marker: str | None = None
     end_marker: str | None = None

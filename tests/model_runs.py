@@ -48,3 +48,34 @@ def random_lora_run(
     )
     write_run_info(run, info)
     return run
+
+
+def random_reward_run(run: Path, model: str, base_path: Path, *, template: str) -> Path:
+    """A reward-model run directory (kind `reward`: a peft SEQ_CLS adapter with its score head)
+    on `model`, with seeded random weights, so different answers get different scores."""
+    import torch
+    from corral.training.model import load_sequence_classifier
+    from peft import LoraConfig, get_peft_model
+
+    from corral.models import load_tokenizer
+    from corral.rundir import run_info_for_training, write_run_info
+    from corral.templates import get_template
+
+    tokenizer = load_tokenizer(model)
+    backbone = load_sequence_classifier(str(base_path), dtype=torch.float32, tokenizer=tokenizer)
+    torch.manual_seed(0)
+    config = LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS", init_lora_weights=False
+    )
+    get_peft_model(backbone, config).save_pretrained(run)
+    tokenizer.save_pretrained(run)
+    info = run_info_for_training(
+        base_model=model,
+        base_model_path=str(base_path),
+        method="reward",
+        template=get_template(template, tokenizer),
+        max_length=128,
+        corral_version="0.1.0",
+    )
+    write_run_info(run, info)
+    return run

@@ -48,7 +48,7 @@ def test_the_loop_and_model_setup_never_test_the_method_name(module):
 
 
 def test_one_list_names_the_objectives_and_the_choices_follow_it():
-    assert tuple(objectives.OBJECTIVES) == OBJECTIVES == ("sft", "dpo", "reward")
+    assert tuple(objectives.OBJECTIVES) == OBJECTIVES == ("sft", "dpo", "reward", "grpo")
     assert {name: cls.name for name, cls in objectives.OBJECTIVES.items()} == {
         name: name for name in OBJECTIVES
     }

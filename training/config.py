@@ -7,9 +7,10 @@ loss is: supervised fine-tuning on Alpaca records (`sft`), or on preference pair
 rejected}` (training/preference.py) Direct Preference Optimization (`dpo`) or a reward model
 (`reward`: LoRA + a scalar head). The weights (`weights`) are what trains: a LoRA adapter (`lora`),
 LoRA on a 4-bit base (`qlora`) or every weight (`full`). `method=lora|qlora|full`, the names of
-earlier versions, still mean `sft` with those weights. RL with PPO (the third step of InstructGPT
-and DeepSpeed-Chat) is not offered: `dpo` optimises the same KL-constrained preference objective
-directly from the pairs, with no reward model or sampling in the loop.
+earlier versions, still mean `sft` with those weights. Online RL on prompts `{prompt, ...}`:
+`grpo` (training/grpo_objective.py: a LoRA adapter trained on completions it samples itself,
+scored by reward functions or a reward model), the third step of DeepSpeed-Chat as the field runs
+it now (PPO's critic-free successor); its keys are named as TRL's GRPOConfig names them.
 """
 
 from __future__ import annotations
@@ -31,10 +32,15 @@ OBJECTIVE_WEIGHTS = {
     # The reward model's folder is a peft SEQ_CLS adapter; a 4-bit or full sequence classifier
     # would be a kind of folder nothing loads yet.
     "reward": ("lora",),
+    # Online RL: the reference (beta > 0) is the base with the adapter disabled, as for dpo.
+    "grpo": ("lora", "qlora"),
 }
 OBJECTIVES = tuple(OBJECTIVE_WEIGHTS)
 PREFERENCE_OBJECTIVES = ("dpo", "reward")  # trained on {prompt, chosen, rejected} pairs
-REFERENCE_OBJECTIVES = ("dpo",)  # objectives with a reference policy: init_adapter applies
+RL_OBJECTIVES = ("grpo",)  # trained on completions sampled from the policy, on {prompt, ...}
+REFERENCE_OBJECTIVES = ("dpo", *RL_OBJECTIVES)  # a reference policy: init_adapter applies
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 # `method` takes an objective, or (as in earlier versions) a weights name meaning sft.
 METHOD_CHOICES = (*OBJECTIVES, *WEIGHTS)
 
@@ -109,17 +115,17 @@ class TrainConfig:
         metadata={
             "help": "the objective: sft on Alpaca data; on preference pairs dpo (Direct Preference "
             "Optimization) or reward (a reward model: a scalar head on the last token, pairwise "
-            "loss). lora, qlora, full (earlier names) mean sft with those weights. PPO is not "
-            "offered: use dpo, which optimises the same objective without a reward model or "
-            "sampling"
+            "loss); on prompts grpo (online RL on completions the policy samples, scored by "
+            "reward_funcs and/or reward_model). lora, qlora, full (earlier names) mean sft with "
+            "those weights"
         },
     )
     weights: Literal[("", *WEIGHTS)] = field(
         default="",
         metadata={
             "help": "what trains: lora (an adapter), qlora (4-bit NF4 base + LoRA) or full (all "
-            "weights); empty: lora, or the weights a method lora|qlora|full names. dpo takes "
-            "lora or qlora, reward lora"
+            "weights); empty: lora, or the weights a method lora|qlora|full names. dpo and grpo "
+            "take lora or qlora, reward lora"
         },
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
@@ -140,28 +146,76 @@ class TrainConfig:
             "bf16 (AVX512-BF16, AMX), fp32 otherwise"
         },
     )
-    # ---- preferences (method dpo or reward)
-    beta: float = field(
-        default=0.1,
+    # ---- preferences (method dpo or reward) and online RL (method grpo)
+    beta: float | None = field(
+        default=None,
         metadata={
-            "help": "dpo: how closely the policy stays to the reference (the KL weight; higher "
-            "stays closer); for loss_type ipo, the regulariser tau"
+            "help": "the KL weight to the reference policy (higher stays closer); dpo: default "
+            "0.1 (for loss_type ipo, the regulariser tau); grpo: default 0.0, no reference forward"
         },
     )
-    loss_type: Literal["sigmoid", "ipo"] = field(
-        default="sigmoid",
+    loss_type: Literal["sigmoid", "ipo", "grpo", "dr_grpo", "dapo", "bnpo"] | None = field(
+        default=None,
         metadata={
-            "help": "dpo loss: sigmoid (the DPO paper: -log sigmoid(beta * margin of summed "
-            "log-ratios)) or ipo ((margin of per-token mean log-ratios - 1/(2 beta))^2)"
+            "help": "dpo: sigmoid (default; -log sigmoid(beta * margin of summed log-ratios)) or "
+            "ipo ((margin of per-token mean log-ratios - 1/(2 beta))^2); grpo: the length "
+            "normalisation: dapo (default; tokens of the step), grpo (per completion), dr_grpo "
+            "(completions x max_completion_length) or bnpo (tokens of each forward pass)"
         },
     )
     init_adapter: str = field(
         default="",
         metadata={
-            "help": "dpo: an SFT run directory whose LoRA adapter the policy starts from (its r, "
-            "alpha, targets and dropout win over lora_*); the reference is then base + that "
-            "adapter, frozen. Empty: a fresh adapter, and the base alone is the reference"
+            "help": "dpo, grpo: an SFT run directory whose LoRA adapter the policy starts from "
+            "(its r, alpha, targets and dropout win over lora_*); the reference is then base + "
+            "that adapter, frozen. Empty: a fresh adapter, and the base alone is the reference"
         },
+    )
+    num_generations: int = field(
+        default=8, metadata={"help": "grpo: completions sampled per prompt (a group; at least 2)"}
+    )
+    max_completion_length: int = field(
+        default=256, metadata={"help": "grpo: most tokens a sampled completion may have"}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "grpo: sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "grpo: nucleus sampling probability"})
+    num_iterations: int = field(
+        default=1, metadata={"help": "grpo: optimizer steps on each rollout (PPO epochs)"}
+    )
+    epsilon: float = field(
+        default=0.2, metadata={"help": "grpo: clip the importance ratio below at 1 - epsilon"}
+    )
+    epsilon_high: float | None = field(
+        default=None,
+        metadata={
+            "help": "grpo: clip the ratio above at 1 + epsilon_high (DAPO: 0.28; default epsilon)"
+        },
+    )
+    scale_rewards: Literal["group", "batch", "none"] = field(
+        default="group",
+        metadata={
+            "help": "grpo: divide advantages by the std of the group, of the batch, or none "
+            "(Dr. GRPO)"
+        },
+    )
+    mask_truncated_completions: bool = field(
+        default=False,
+        metadata={"help": "grpo: leave completions cut at max_completion_length out of the loss"},
+    )
+    reward_funcs: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "grpo: reward functions: exact_answer, final_number, format:REGEX, length:N, "
+            "or path/to/file.py:function (fn(prompts, completions, **fields) -> list[float])"
+        },
+    )
+    reward_weights: list[float] = field(
+        default_factory=list,
+        metadata={"help": "grpo: one weight per reward function, reward_model last (empty: all 1)"},
+    )
+    reward_model: str = field(
+        default="",
+        metadata={"help": "grpo: a method=reward run directory that scores completions too"},
     )
     # ---- optimisation
     epochs: float = field(default=3.0, metadata={"help": "passes over the training data"})
@@ -262,11 +316,11 @@ class TrainConfig:
         self._resolve_weights()
         if self.weights == "full" and self.use_dora:
             raise ConfigError("key 'use_dora': DoRA needs weights lora or qlora")
-        if not self.beta > 0:
-            raise ConfigError(f"key 'beta': must be above 0, got {self.beta}")
+        self._resolve_method_defaults()
         if self.init_adapter and self.objective not in REFERENCE_OBJECTIVES:
             raise ConfigError(
-                "key 'init_adapter': starts a dpo run from an SFT adapter; set method=dpo"
+                "key 'init_adapter': starts a dpo or grpo run from an SFT adapter; set method=dpo "
+                "or method=grpo"
             )
         if self.objective in PREFERENCE_OBJECTIVES and self.train_on_inputs:
             raise ConfigError(
@@ -308,9 +362,61 @@ class TrainConfig:
                 f"not {self.weights}"
             )
 
+    def _resolve_method_defaults(self) -> None:
+        """beta and loss_type mean different things to dpo and grpo: fill in the method's default
+        and refuse a value of the other method."""
+        rl = self.objective in RL_OBJECTIVES
+        if self.beta is None:
+            self.beta = 0.0 if rl else 0.1
+        if self.loss_type is None:
+            self.loss_type = "dapo" if rl else "sigmoid"
+        allowed = GRPO_LOSS_TYPES if rl else DPO_LOSS_TYPES
+        if self.loss_type not in allowed:
+            raise ConfigError(
+                f"key 'loss_type': {self.loss_type!r} is not a loss of method {self.method}; "
+                f"choose one of {', '.join(allowed)}"
+            )
+        if rl:
+            if self.beta < 0:
+                raise ConfigError(f"key 'beta': must be 0 or more, got {self.beta}")
+            self._check_grpo()
+        elif not self.beta > 0:
+            raise ConfigError(f"key 'beta': must be above 0, got {self.beta}")
+
+    def _check_grpo(self) -> None:
+        if self.num_generations < 2:
+            raise ConfigError(
+                f"key 'num_generations': must be at least 2, got {self.num_generations} (GRPO "
+                "compares each completion with the others of its group)"
+            )
+        for name in ("max_completion_length", "num_iterations"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"key '{name}': must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.temperature <= 2:
+            raise ConfigError(f"key 'temperature': must be in (0, 2], got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"key 'top_p': must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.epsilon < 1:
+            raise ConfigError(f"key 'epsilon': must be in [0, 1), got {self.epsilon}")
+        if self.epsilon_high is not None and self.epsilon_high < 0:
+            raise ConfigError(f"key 'epsilon_high': must be 0 or more, got {self.epsilon_high}")
+        completions = self.micro_batch_size * self.gradient_accumulation_steps
+        if completions % self.num_generations:
+            raise ConfigError(
+                f"key 'num_generations': micro_batch_size x gradient_accumulation_steps "
+                f"({completions} completions per step and process) must hold whole groups of "
+                f"{self.num_generations}"
+            )
+        if not self.reward_funcs and not self.reward_model:
+            raise ConfigError(
+                "method grpo needs a reward: set reward_funcs (e.g. [final_number]) or reward_model"
+            )
+        if self.packing:
+            raise ConfigError("key 'packing': method grpo trains padded completions; set false")
+
     @property
     def objective(self) -> str:
-        """What the loss is: sft, dpo or reward (training/objectives.py)."""
+        """What the loss is: sft, dpo, reward or grpo (training/objectives.py)."""
         return "sft" if self.method in WEIGHTS else self.method
 
     @property

@@ -33,7 +33,8 @@ Metrics: rewards/chosen and rewards/rejected (mean scores), rewards/margins, rew
 (the pairwise accuracy). The run directory (kind `reward`, corral/rundir.py) holds a plain peft
 SEQ_CLS adapter whose `modules_to_save` carry the head; `RewardModel.load(RUN)` scores with it.
 
-RL with PPO on top of the reward model (DeepSpeed-Chat's step 3) is out of scope: use `dpo`.
+DeepSpeed-Chat's step 3, RL on top of the reward model, is `method=grpo` with
+`reward_model=RUN` (training/grpo_objective.py; the reward model scores each sampled completion).
 """
 
 from __future__ import annotations
