@@ -182,10 +182,6 @@ def truncation_mask(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor
     return mask * (~truncated.bool()).unsqueeze(1).to(mask.dtype)
 
 
-# Token-level sums the step adds over forward passes and processes, then divides by "tokens".
-TOKEN_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl")
-
-
 def token_metric_sums(
     terms: PolicyLoss,
     advantages: torch.Tensor,

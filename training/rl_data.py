@@ -109,3 +109,17 @@ def arithmetic_records(seed: int = 0, count: int = 256) -> list[dict[str, Any]]:
         seen.add(prompt)
         records.append({"prompt": prompt + ANSWER_FORMAT, "answer": str(answer), "kind": kind})
     return records
+
+
+if __name__ == "__main__":
+    # Writes the built-in task as a prompt file:
+    #   python -m corral.training.rl_data SEED COUNT OUT.jsonl
+    # (the preset's configs/training/grpo_arithmetic.jsonl is `0 256`).
+    import json
+    import sys
+
+    from corral.fileio import atomic_write_text
+
+    seed, count, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    lines = [json.dumps(record) for record in arithmetic_records(seed, count)]
+    atomic_write_text(out, "\n".join(lines) + "\n")
