@@ -246,10 +246,7 @@ class MagpieRounds:
             instances = [{"input": "", "output": answer}]
             if turns[1].get("reasoning"):
                 instances[0]["reasoning"] = turns[1]["reasoning"]
-            if gen._contaminated(question, instances):
-                continue
-            if not gen.index.add_if_novel(question).novel:
-                gen.drops[filters.NOT_NOVEL] += 1
+            if not admit_instruction(gen, question, instances):
                 continue
             task = {
                 "instruction": question,
@@ -378,10 +375,7 @@ class EvolRounds:
             instances = [{"input": "", "output": answer}]
             if reasoning and c.keep_reasoning:
                 instances[0]["reasoning"] = reasoning
-            if gen._contaminated(evolved, instances):
-                continue
-            if not gen.index.add_if_novel(evolved).novel:
-                gen.drops[filters.NOT_NOVEL] += 1
+            if not admit_instruction(gen, evolved, instances):
                 continue
             task = {
                 "instruction": evolved,
@@ -404,3 +398,14 @@ def _seed_text(seed: SeedTask) -> str:
     """A seed as one self-contained instruction (its first instance's input folded in)."""
     first = seed.instances[0]["input"].strip() if seed.instances else ""
     return f"{seed.instruction}\n\n{first}" if first else seed.instruction
+
+
+def admit_instruction(gen: Any, instruction: str, instances: list[dict[str, Any]]) -> bool:
+    """What every kept instruction of these modes passes, as in the other modes: not drawn from
+    the evaluation set, and novel by exact ROUGE-L (which then adds it to the index)."""
+    if gen._contaminated(instruction, instances):
+        return False
+    if not gen.index.add_if_novel(instruction).novel:
+        gen.drops[filters.NOT_NOVEL] += 1
+        return False
+    return True

@@ -34,6 +34,10 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
             item.add_marker(pytest.mark.slow)
+        # Asking for the embedded model (directly or through another fixture) is what makes a
+        # test slow: its first use on a machine converts the GGUF.
+        elif "embedded_model_path" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @contextlib.contextmanager

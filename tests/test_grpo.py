@@ -86,7 +86,12 @@ def trl_trainer(tiny_model_path, tmp_path_factory):
     trainer._generate_single_turn = lambda prompt_ids, *rest: (completions, None)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
-    return trainer
+    yield trainer
+    # TRL's trainer set accelerate's process-wide state (its own mixed precision); Corral's runs
+    # later in this process build their Accelerator from a clean one, as a new process would.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def trl_rollout(trainer, scale_rewards: str, mask_truncated: bool) -> dict:
