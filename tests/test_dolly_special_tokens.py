@@ -165,7 +165,7 @@ def test_the_run_trains_and_saves_the_new_rows_and_stops_on_the_end_id(special_r
     assert "### End" not in choice.message.content
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_merged_and_gguf_exports_carry_the_keys_and_stop_on_the_end_id(special_run, tmp_path):
     from corral.training.gguf import export_gguf
     from gguf import GGUFReader

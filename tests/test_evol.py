@@ -132,7 +132,7 @@ def test_evol_estimate_and_generations_in_the_fingerprint(tmp_path):
             )
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_evol_with_the_embedded_model_as_local_teacher(tmp_path, embedded_model_path):
     output = tmp_path / "local.json"
     config = GenerateConfig(

@@ -140,7 +140,7 @@ def test_a_config_the_rehearsal_cannot_repeat_is_named(change, message, tmp_path
 # ------------------------------------------------------------------------------ two processes
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_each_rank_holds_half_of_the_model_as_dtensor_shards(rehearsal):
     first = rehearsal.first
     assert first["world_size"] == 2
@@ -158,7 +158,7 @@ def test_each_rank_holds_half_of_the_model_as_dtensor_shards(rehearsal):
     assert first["per_rank"][0]["total_trainable"] == first["trainable_parameters"] == 3584
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_frozen_weights_stay_frozen_and_only_lora_trains(rehearsal):
     first = rehearsal.first
     assert first["requires_grad_kept"]  # the same trainable names before and after sharding
@@ -167,7 +167,7 @@ def test_frozen_weights_stay_frozen_and_only_lora_trains(rehearsal):
     assert first["trainable_parameters"] == rehearsal.one["trainable_parameters"]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_two_sharded_processes_give_the_losses_of_one_process(rehearsal):
     sharded, one = rehearsal.first["losses"], rehearsal.one["losses"]
     assert [s["step"] for s in sharded] == [s["step"] for s in one] == [1, 2, 3, 4]
@@ -183,7 +183,7 @@ def test_two_sharded_processes_give_the_losses_of_one_process(rehearsal):
     )
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_resuming_from_the_sharded_checkpoint_repeats_the_run_exactly(rehearsal):
     import torch
 
@@ -198,7 +198,7 @@ def test_resuming_from_the_sharded_checkpoint_repeats_the_run_exactly(rehearsal)
     assert torch.equal(probe(resumed)["logits"], probe(first)["logits"])
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_the_consolidated_adapter_loads_in_peft_and_answers_as_the_sharded_model(rehearsal):
     import torch
     from peft import PeftModel
@@ -224,7 +224,7 @@ def test_the_consolidated_adapter_loads_in_peft_and_answers_as_the_sharded_model
         torch.testing.assert_close(gathered[name], unsharded[name], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_export_and_serving_take_the_consolidated_adapter(rehearsal, tmp_path):
     import torch
     from corral.inference.loading import load_for_inference

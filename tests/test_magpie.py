@@ -246,7 +246,7 @@ def test_magpie_estimate_and_settings_in_the_fingerprint(tmp_path, embedded_mode
             )
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_magpie_with_the_embedded_model_as_local_teacher(tmp_path, embedded_model_path):
     output = tmp_path / "local.json"
     config = GenerateConfig(

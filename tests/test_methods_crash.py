@@ -34,7 +34,7 @@ def start_run(mode: str, base_url: str, output: Path) -> subprocess.Popen:
     )
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("mode", ["magpie", "evol"])
 def test_sigkill_then_resume_gives_the_exact_count(tmp_path, mode, embedded_model_path):
     output = tmp_path / f"{mode}.json"

@@ -62,7 +62,12 @@ def test_tiny_random_llama_shares_the_tokenizer(tiny_model_path, embedded_model_
 
 def test_resolve_local_folder_and_hub_id(tmp_path, embedded_model_path):
     assert resolve_model(str(embedded_model_path)) == str(embedded_model_path)
-    assert resolve_model("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
+    # A hub id that is neither cached nor reachable (this machine has no hub) is refused in one
+    # line before anything loads, naming it.
+    with pytest.raises(
+        ModelNotFoundError, match="meta-llama/Llama-2-7b-hf: .*not in the Hugging Face cache"
+    ):
+        resolve_model("meta-llama/Llama-2-7b-hf")
     with pytest.raises(ModelNotFoundError, match="not a model folder"):
         resolve_model(str(tmp_path))
     with pytest.raises(ModelNotFoundError, match="no such model folder"):

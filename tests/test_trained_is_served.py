@@ -207,7 +207,15 @@ def test_a_merge_across_an_answer_boundary_is_reported_once_with_template_and_bo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["vicuna", "guanaco", "chat", "alpaca", "dolly"])
+# vicuna in every run of the suite; the other four with the long tests (make test-long), to keep
+# make test under ten minutes.
+@pytest.mark.parametrize(
+    "name",
+    [
+        "vicuna",
+        *(pytest.param(n, marks=pytest.mark.long) for n in ("guanaco", "chat", "alpaca", "dolly")),
+    ],
+)
 def test_corral_serve_sends_the_model_the_ids_a_conversation_trained_on(
     tmp_path, tiny_model_path, embedded_tokenizer, name
 ):
