@@ -121,7 +121,7 @@ def special_run(tmp_path_factory, tiny_model_path) -> Path:
     return run
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_the_run_trains_and_saves_the_new_rows_and_stops_on_the_end_id(special_run):
     import torch
     from corral.inference.generation import answer_instructions, templated_params

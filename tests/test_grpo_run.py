@@ -15,7 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 PRESET = REPO / "configs" / "training" / "grpo_smoke.yaml"
-pytestmark = pytest.mark.slow  # every test launches train.py
+# Every test launches train.py (seconds to a minute each): they run with the long tests.
+pytestmark = pytest.mark.long
 
 
 def launch(
@@ -118,7 +119,6 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, override, me
     assert not (run_dir / "run_info.json").exists()
 
 
-@pytest.mark.long
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
     """Exact resume: stopped after step 1, in the middle of a rollout that serves two steps
     (num_iterations=2), then resumed to step 3; the adapter equals a run that never stopped.
@@ -149,7 +149,6 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
     assert any(t.abs().sum() > 0 for n, t in found.items() if "lora_B" in n)
 
 
-@pytest.mark.long
 def test_two_processes_roll_out_their_own_prompts_and_end_with_equal_weights(tmp_path):
     """Two CPU processes (DDP over gloo): each rolls out its own prompts, gradients are averaged,
     and the ranks end with the same adapter (the run checks their fingerprints)."""
@@ -167,7 +166,6 @@ def test_two_processes_roll_out_their_own_prompts_and_end_with_equal_weights(tmp
     assert first["step"] == 1 and first["reward_std"] > 0
 
 
-@pytest.mark.long
 def test_deepspeed_chats_third_step_grpo_on_a_reward_model_run(tmp_path, tiny_model_path):
     """reward_model=RUN (a method=reward run directory) scores the rollouts: the run trains on
     it alone, and its scores are logged as rewards/reward_model/*."""
