@@ -91,7 +91,22 @@ def run_score(args: argparse.Namespace) -> int:
     check_output_path(args.output, inputs=(args.input,))
     read_alpaca(args.input)  # bad input stops before a judge is loaded or paid
     with exclusive_output(args.output):
+        _refuse_finished_scoring(args.output, overwrite=args.overwrite)
         return _score(args)
+
+
+def _refuse_finished_scoring(output: str, *, overwrite: bool) -> None:
+    """A finished OUTPUT (no partial file beside it) is not scored again unless asked: a rerun
+    would pay the judge for every record a second time."""
+    from pathlib import Path
+
+    from corral.evaluation.score import partial_path
+
+    if Path(output).exists() and not partial_path(Path(output)).exists() and not overwrite:
+        raise UsageError(
+            f"{output} holds a finished scoring; pass --overwrite to ask the judge again, "
+            "or choose another --output"
+        )
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -116,7 +131,10 @@ def _score(args: argparse.Namespace) -> int:
     else:
         scorer = LocalScorer(args.judge)
     try:
-        summary = score_file(args.input, args.output, scorer, progress=not args.quiet)
+        # An endpoint judge commits each round of `concurrency` answers as it completes, so a kill
+        # loses only the requests in flight (paid answers not yet written); a local judge batches.
+        chunk = args.concurrency if args.judge_base_url else 32
+        summary = score_file(args.input, args.output, scorer, chunk=chunk, progress=not args.quiet)
     except TeacherError as exc:
         raise UsageError(str(exc)) from None
     finally:
@@ -190,6 +208,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=60.0,
         metavar="SECONDS",
         help="stop when the judge endpoint has given no usable answer for this long (default 60)",
+    )
+    score.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="score again into an OUTPUT that holds a finished scoring (its judge was paid once)",
     )
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     score.set_defaults(func=run_score)
