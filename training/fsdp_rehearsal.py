@@ -311,6 +311,9 @@ def rehearse(args: argparse.Namespace) -> int:
         }
         print(json.dumps(summary))
     if sharded:
+        # Every rank past its last collective before any tears gloo down: a rank that destroys the
+        # group while another still talks to it can abort in gloo's threads.
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 
