@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from corral.errors import UsageError
 from corral.fileio import check_output_path, exclusive_output
@@ -98,8 +99,6 @@ def run_score(args: argparse.Namespace) -> int:
 def _refuse_finished_scoring(output: str, *, overwrite: bool) -> None:
     """A finished OUTPUT (no partial file beside it) is not scored again unless asked: a rerun
     would pay the judge for every record a second time."""
-    from pathlib import Path
-
     from corral.evaluation.score import partial_path
 
     if Path(output).exists() and not partial_path(Path(output)).exists() and not overwrite:
@@ -131,10 +130,7 @@ def _score(args: argparse.Namespace) -> int:
     else:
         scorer = LocalScorer(args.judge)
     try:
-        # An endpoint judge commits each round of `concurrency` answers as it completes, so a kill
-        # loses only the requests in flight (paid answers not yet written); a local judge batches.
-        chunk = args.concurrency if args.judge_base_url else 32
-        summary = score_file(args.input, args.output, scorer, chunk=chunk, progress=not args.quiet)
+        summary = score_file(args.input, args.output, scorer, progress=not args.quiet)
     except TeacherError as exc:
         raise UsageError(str(exc)) from None
     finally:

@@ -180,13 +180,16 @@ def score_file(
     output_path: str | os.PathLike,
     scorer: Any,
     *,
-    chunk: int = 32,
+    chunk: int | None = None,
     progress: bool = True,
 ) -> ScoreSummary:
     """Score every record of `input_path`; write them with `score`/`score_reason` to output."""
     from tqdm import tqdm
 
     started = time.monotonic()
+    # Records are written a round at a time: an endpoint judge's round is its concurrency, so a
+    # kill loses only the requests in flight (paid answers not yet written); a local judge's 32.
+    chunk = chunk or scorer.describe().get("concurrency", 32)
     input_path, output_path = Path(input_path), Path(output_path)
     records = read_alpaca(input_path)
     header = {
